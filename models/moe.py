@@ -1,0 +1,197 @@
+"""The DeepSeek-V3 Mixture-of-Experts layer: sigmoid router with group-limited top-k and the
+auxiliary-loss-free correction bias, stacked routed experts run as one grouped GEMM, a shared expert.
+
+The token path is split into seams so expert parallelism can be applied from outside (parallel/):
+`route` -> `permute` (sort token copies by expert) -> `experts(x_sorted, counts)` -> `unpermute`.
+Expert parallelism replaces only the middle call with an all-to-all around the local grouped GEMM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.layers import MLP
+
+
+class Router(nn.Module):
+    """Sigmoid scores; top-k chosen on `scores + e_score_correction_bias` within the best `topk_group`
+    groups; gating weights are the *unbiased* scores of the chosen experts (DeepSeek-V3, eq. 16-20).
+
+    The bias is a buffer: it is never trained by gradients, only nudged by `MoE.update_bias`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (scores [T, E] fp32, topk_idx [T, k], topk_weight [T, k] fp32)."""
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.no_grad():
+            choice = scores + self.e_score_correction_bias
+            if cfg.n_group > 1:
+                grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                top_groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices
+                keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+                choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+            topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+        weight = scores.gather(1, topk_idx)
+        if cfg.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, topk_idx, weight * cfg.routed_scaling_factor
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row block g of `x` (counts[g] rows, blocks in order) times w[g].T; w is [G, out, in].
+
+    One `torch._grouped_mm` call where this build has it (CUDA bf16 and CPU both do in torch >= 2.8);
+    otherwise a loop over the groups, which is the same math.
+    """
+    if hasattr(torch, "_grouped_mm") and x.dtype == w.dtype and (x.device.type == "cpu" or
+                                                                  x.dtype == torch.bfloat16):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    out, start = [], 0
+    for g, n in enumerate(counts.tolist()):
+        out.append(x[start:start + n] @ w[g].t())
+        start += n
+    return torch.cat(out) if out else x.new_zeros(0, w.shape[1])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked, [E, out, in] (nn.Linear's layout per expert), so one grouped GEMM
+    runs them all and expert parallelism shards them on dim 0."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] token copies sorted by expert; counts: [E] rows per expert -> [N, H]."""
+        h = F.silu(grouped_matmul(x, self.gate_proj, counts)) * grouped_matmul(x, self.up_proj, counts)
+        return grouped_matmul(h, self.down_proj, counts)
+
+
+@dataclass
+class Dispatch:
+    """Where each routed token copy went: enough to undo the permutation and weight the outputs."""
+
+    token_idx: torch.Tensor  # [N] source token of each sorted copy
+    weight: torch.Tensor  # [N] gating weight of each sorted copy
+    counts: torch.Tensor  # [E] copies per expert (after capacity drops)
+    dropped: int  # copies dropped by the capacity factor (0 when dropless)
+
+
+def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
+            capacity: int | None = None) -> Dispatch:
+    """Sort token copies by expert (stable, so token order is kept inside an expert); with a capacity,
+    keep each expert's first `capacity` copies in token order and drop the rest — deterministic."""
+    k = topk_idx.shape[1]
+    flat = topk_idx.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    dropped = 0
+    if capacity is not None:
+        starts = torch.cumsum(counts, 0) - counts
+        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        keep = rank_in_expert < capacity
+        dropped = int((~keep).sum())
+        order = order[keep]
+        counts = counts.clamp(max=capacity)
+    return Dispatch(token_idx=order // k, weight=topk_weight.flatten()[order], counts=counts, dropped=dropped)
+
+
+def unpermute(y_sorted: torch.Tensor, d: Dispatch, num_tokens: int) -> torch.Tensor:
+    """Weight every expert output by its gate and sum the copies back onto their tokens."""
+    y = (y_sorted * d.weight.unsqueeze(-1)).to(y_sorted.dtype)
+    out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
+    return out.index_add_(0, d.token_idx, y)
+
+
+def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, k: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), without alpha:
+    sum_i f_i * P_i per sequence, averaged over sequences, where f_i = E/(k*S) * (tokens choosing i) and
+    P_i is the mean over the sequence of the normalized scores s_i / sum_j s_j."""
+    tokens, num_experts = scores.shape
+    seq = tokens // batch
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, seq, num_experts).mean(dim=1)
+    hits = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
+    hits.scatter_add_(1, topk_idx.view(batch, seq * k), torch.ones_like(topk_idx, dtype=scores.dtype).view(
+        batch, seq * k))
+    f = hits * (num_experts / (k * seq))
+    return (f * probs).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """Routed experts + shared experts. Returns (output, balance loss * aux_loss_alpha).
+
+    While training it accumulates `expert_load` (token copies per expert, since the last bias update) and
+    `dropped_tokens`; `update_bias` applies the auxiliary-loss-free rule and clears them.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts
+            else None
+        )
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        b, s, hdim = x.shape
+        flat = x.reshape(-1, hdim)
+        scores, topk_idx, topk_weight = self.gate(flat)
+        capacity = None
+        if cfg.capacity_factor is not None:
+            capacity = math.ceil(cfg.capacity_factor * flat.shape[0] * cfg.num_experts_per_tok
+                                 / cfg.n_routed_experts)
+        d = permute(topk_idx, topk_weight, cfg.n_routed_experts, capacity)
+        y = unpermute(self.experts(flat[d.token_idx], d.counts), d, flat.shape[0]).to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+
+        aux = scores.new_zeros(())
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += d.counts.to(self.expert_load.dtype)
+                self.dropped_tokens += d.dropped
+            if cfg.aux_loss_alpha > 0:
+                aux = cfg.aux_loss_alpha * sequence_balance_loss(scores, topk_idx, b, cfg.num_experts_per_tok)
+        return y.view(b, s, hdim), aux
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor | None = None, speed: float | None = None) -> None:
+        """Auxiliary-loss-free balancing (DeepSeek-V3 sec. 2.1.2): b_i += gamma * sign(mean_load - load_i).
+
+        `load` defaults to this layer's own `expert_load`; under data/expert parallelism the caller passes
+        the load summed over all ranks so every rank applies the same update.
+        """
+        load = self.expert_load if load is None else load
+        speed = self.cfg.bias_update_speed if speed is None else speed
+        bias = self.gate.e_score_correction_bias
+        bias += speed * torch.sign(load.float().mean() - load.float()).to(bias.device)
+        self.expert_load.zero_()
+
+    @torch.no_grad()
+    def reset_stats(self) -> None:
+        self.expert_load.zero_()
+        self.dropped_tokens.zero_()
+

@@ -1,0 +1,145 @@
+"""The whole network: embeddings, decoder blocks (MLA + dense FFN or MoE), final norm, LM head.
+
+A plain single-process `nn.Module` named like `transformers`' DeepseekV3ForCausalLM (minus its `model.`
+prefix), so checkpoint conversion is a rename. Parallelism (FSDP2, expert parallelism, activation
+checkpointing) is applied to it from outside by parallel/.
+
+Meta-device construction::
+
+    with torch.device("meta"):
+        model = Transformer(cfg)        # no memory allocated
+    model.to_empty(device="cuda")
+    model.init_weights()                # documented init, recomputes the rotary buffers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.attention import MLAttention
+from models.config import ModelConfig
+from models.layers import MLP, RMSNorm, RotaryEmbedding
+from models.moe import MoE
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, vocab]
+    balance_loss: torch.Tensor  # scalar, already weighted by aux_loss_alpha; 0 in eval or without MoE
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + ffn(norm(x)); the FFN is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size,
+                                                                                cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                         torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(h)
+        else:
+            y, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
+        return x + y, aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg)
+        # A ModuleDict keyed by layer index keeps names ("layers.7") stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids: [B, S] -> logits [B, S, vocab] (in the compute dtype) and the balance loss."""
+        x = self.embed_tokens(input_ids)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = self.rotary(positions, x.dtype)
+        balance = torch.zeros((), device=x.device, dtype=torch.float32)
+        for block in self.layers.values():
+            x, aux = block(x, rope)
+            balance = balance + aux
+        return ModelOutput(logits=self.lm_head(self.norm(x)), balance_loss=balance)
+
+    # --- initialisation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Init scheme (DeepSeek-V3 paper, sec. 4.2): every matrix — embeddings, attention and FFN
+        projections, stacked experts, router, LM head — ~ N(0, initializer_range=0.006); norm weights 1;
+        biases and the router correction bias 0. Also rebuilds the non-persistent buffers (rotary
+        frequencies, statistics), which `to_empty` leaves uninitialised after meta construction."""
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                nn.init.ones_(p)
+            elif p.dim() == 1:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+        self.rotary.reset_parameters()
+        for moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
+            moe.reset_stats()
+        self.reset_max_logits()
+
+    # --- statistics for the trainer / optimizer -------------------------------------------------
+    def attention_layers(self) -> Iterator[MLAttention]:
+        for block in self.layers.values():
+            yield block.self_attn
+
+    def moe_layers(self) -> Iterator[MoE]:
+        for block in self.layers.values():
+            if isinstance(block.mlp, MoE):
+                yield block.mlp
+
+    def max_logits(self) -> dict[int, torch.Tensor]:
+        """Per-head max attention logit of each layer since the last reset (QK-Clip's input)."""
+        return {int(i): b.self_attn.max_logit for i, b in self.layers.items()}
+
+    def reset_max_logits(self) -> None:
+        for attn in self.attention_layers():
+            attn.reset_max_logit()
+
+    @torch.no_grad()
+    def update_router_biases(
+        self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Apply the auxiliary-loss-free bias update to every MoE layer from the load seen since the last
+        call. `reduce` (e.g. an all-reduce sum over data-parallel ranks, supplied by parallel/) makes the
+        load global so that every rank applies the same update. Returns the load used per layer."""
+        loads = {}
+        for block_idx, block in self.layers.items():
+            if isinstance(block.mlp, MoE):
+                load = block.mlp.expert_load.clone()
+                if reduce is not None:
+                    load = reduce(load)
+                block.mlp.update_bias(load)
+                loads[int(block_idx)] = load
+        return loads
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
