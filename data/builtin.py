@@ -116,7 +116,9 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _build(dest_tmp: Path, files: list[tuple[str, Path, int]], tokenizer: ByteTokenizer, progress: bool) -> None:
+def _build(
+    dest_tmp: Path, files: list[tuple[str, Path, int]], tokenizer: ByteTokenizer, progress: bool
+) -> None:
     """Write the train and val shards of the corpus into `dest_tmp` (a private directory)."""
     python = f"{platform.python_implementation()}-{platform.python_version()}"
     with tqdm(total=sum(f[2] for f in files), unit="B", unit_scale=True, disable=not progress,

@@ -268,7 +268,7 @@ def open_shard(
     mpath = root / MANIFEST_FILE
     if expected_fingerprint is not None and manifest["tokenizer_fingerprint"] != expected_fingerprint:
         raise ShardError(mpath, f"made by tokenizer {manifest['tokenizer_fingerprint']!r}, but tokenizer "
-                                f"{expected_fingerprint!r} was expected; re-prepare the data with this tokenizer")
+                                f"{expected_fingerprint!r} was expected; re-prepare the data with that one")
     dtype = _DTYPES[manifest["dtype"]]
     vocab = manifest["vocab_size"]
     if not 0 < vocab <= 1 << 32 or dtype.itemsize < token_dtype(vocab).itemsize:
@@ -285,5 +285,5 @@ def open_shard(
 
 
 def is_shard(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` looks like a finished shard (its manifest exists); a cheap check, nothing is verified."""
+    """Whether `path` looks like a finished shard (its manifest exists); cheap, nothing is verified."""
     return (Path(path) / MANIFEST_FILE).is_file()

@@ -41,7 +41,7 @@ class ModelConfig:
     first_k_dense_replace: int = 1  # layers [0, k) use a dense FFN, the rest are MoE
     # --- attention (MLA) --------------------------------------------------------------------------
     num_attention_heads: int = 64
-    num_key_value_heads: int | None = None  # MLA: always equal to num_attention_heads
+    num_key_value_heads: int | None = None  # MLA: null or equal to num_attention_heads
     q_lora_rank: int | None = 1536  # None: queries are projected directly (no low-rank q)
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
@@ -80,8 +80,6 @@ class ModelConfig:
     TRAINING_ONLY = ("aux_loss_alpha", "bias_update_speed", "capacity_factor", "attn_impl")
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
         self.validate()
@@ -124,7 +122,7 @@ class ModelConfig:
              f"{self.num_hidden_layers}]")
         if self.first_k_dense_replace > 0:
             need(self.intermediate_size > 0, "intermediate_size must be > 0 when there are dense layers")
-        need(self.num_key_value_heads == self.num_attention_heads,
+        need(self.num_key_value_heads in (None, self.num_attention_heads),
              f"MLA needs num_key_value_heads == num_attention_heads ({self.num_attention_heads}), "
              f"got {self.num_key_value_heads}")
         need(self.q_lora_rank is None or self.q_lora_rank > 0,

@@ -41,6 +41,7 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> dict[
     """config.json in the released DeepSeek-V3 style (training-only fields left out)."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in ModelConfig.TRAINING_ONLY}
     d.update(
+        num_key_value_heads=cfg.num_attention_heads,
         architectures=["DeepseekV3ForCausalLM"],
         model_type="deepseek_v3",
         torch_dtype=str(dtype).removeprefix("torch."),

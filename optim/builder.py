@@ -77,7 +77,9 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
     return _REGISTRY[name](model, groups, cfg)
 
 
-def param_group_dicts(groups: ParamGroups, weight_decay: float, kinds: tuple[str, ...] | None = None) -> list[dict]:
+def param_group_dicts(
+    groups: ParamGroups, weight_decay: float, kinds: tuple[str, ...] | None = None
+) -> list[dict]:
     """torch param-group dicts, one per non-empty kind (restricted to ``kinds`` if given), with weight
     decay on "matrix" and "embedding" only and the ``"group"`` tag. Shared with later optimizers so
     their AdamW part treats decay the same way."""
@@ -88,7 +90,7 @@ def param_group_dicts(groups: ParamGroups, weight_decay: float, kinds: tuple[str
         out.append(
             {
                 "params": [p for _, p in named],
-                "weight_decay": weight_decay if kind in _DECAYED_GROUPS else 0.0,
+                "weight_decay": weight_decay,
                 "group": kind,
             }
         )

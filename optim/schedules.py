@@ -68,27 +68,25 @@ class LRSchedule:
         _check_int("total_steps", self.total_steps, minimum=1)
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_unit("min_lr_ratio", self.min_lr_ratio)
-        if self.schedule == "wsd":
-            _check_unit("decay_fraction", self.decay_fraction)
-            if self.decay_shape not in DECAY_SHAPES:
-                raise ValueError(
-                    f"decay_shape must be one of {', '.join(DECAY_SHAPES)}; got {self.decay_shape!r}"
-                )
+        _check_unit("decay_fraction", self.decay_fraction)
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ValueError(
+                f"decay_shape must be one of {', '.join(DECAY_SHAPES)}; got {self.decay_shape!r}"
+            )
         if self.warmup_steps > self.total_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must not exceed total_steps ({self.total_steps})"
             )
-        if self.decay_steps > 0 and self.warmup_steps > self.decay_start:
-            if self.schedule == "wsd":
-                raise ValueError(
-                    f"warmup_steps ({self.warmup_steps}) + wsd decay steps ({self.decay_steps} = "
-                    f"decay_fraction {self.decay_fraction} * total_steps {self.total_steps}) exceed "
-                    f"total_steps; lower warmup_steps or decay_fraction"
-                )
         if self.schedule in ("cosine", "linear") and self.warmup_steps >= self.total_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must be < total_steps ({self.total_steps}) "
                 f"for the {self.schedule} schedule, which decays after warmup"
+            )
+        if self.schedule == "wsd" and self.warmup_steps > self.decay_start:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) + wsd decay steps ({self.decay_steps} = "
+                f"decay_fraction {self.decay_fraction} * total_steps {self.total_steps}) exceed "
+                f"total_steps; lower warmup_steps or decay_fraction"
             )
 
     @property
@@ -133,7 +131,9 @@ class LRSchedule:
         return cls(total_steps=total_steps, **values)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None, total_steps: int) -> LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None, total_steps: int
+) -> LambdaLR:
     """A ``LambdaLR`` applying :meth:`LRSchedule.from_config` to every param group.
 
     The lambda handed to ``LambdaLR`` is a plain function, so ``scheduler.state_dict()`` stores

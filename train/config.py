@@ -1,0 +1,220 @@
+"""The experiment config: one YAML file plus `key=value` overrides, checked against a typed schema.
+
+Groups: model, data, optim, parallel, train, checkpoint, logging. The schema is the dataclasses below;
+every key is documented in docs/configuration.md. An unknown key anywhere is an error that names the key
+and the closest valid one, because a typo that silently falls back to a default wastes a GPU-week.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from models.config import ConfigError, ModelConfig, unknown_key_message
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # "builtin" (stdlib corpus, built on first use) or a prepared shard directory
+    cache_dir: str | None = None  # where the builtin corpus is cached; null = the user's cache dir
+    seq_len: int = 256
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    fused: bool | None = None  # null = fused AdamW on CUDA only
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: str = "wsd"  # wsd | cosine | linear | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.1  # wsd: share of the steps spent in the final decay
+    decay_shape: str = "linear"  # wsd decay: linear | cosine | sqrt
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = -1  # FSDP2 shard degree; -1 = the rest of the world
+    ep: int = 1  # expert-parallel degree (borrowed from the data-parallel ranks)
+    activation_checkpointing: str = "none"  # none | selective | full
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps to run
+    global_batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward/backward per rank
+    seed: int = 0
+    out_dir: str = "runs/default"  # the run directory: metrics, checkpoints, resolved config
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    compile: bool = False  # torch.compile each block
+    log_interval: int = 1
+    eval_interval: int = 100  # steps between validation passes; 0 = never
+    eval_batches: int = 4
+    threads: int | None = None  # torch CPU threads; null = torch's default
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto (newest complete checkpoint in out_dir) | none | a checkpoint path
+    save_final: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "chogori"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # a progress bar on an interactive terminal
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _schema() -> DictConfig:
+    # ModelConfig validates in __post_init__; the schema only needs its field types, so build it with
+    # the class defaults (valid by construction).
+    return OmegaConf.structured(ExperimentConfig)
+
+
+def _valid_keys(schema: Any, dotted: str) -> tuple[list[str], str]:
+    """Keys valid at the parent of `dotted` and the parent's path."""
+    parts = dotted.split(".")
+    node = schema
+    for part in parts[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break
+    parent = ".".join(parts[:-1])
+    keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    return [str(k) for k in keys], parent
+
+
+def _unknown_key_error(schema: Any, key: str) -> ConfigError:
+    valid, parent = _valid_keys(schema, key)
+    where = f"group '{parent}'" if parent else "the config (top level)"
+    leaf = key.split(".")[-1]
+    return ConfigError(unknown_key_message(leaf, valid, where) + f" [full key: {key}]")
+
+
+def _check_keys(schema: DictConfig, data: Any, prefix: str = "") -> None:
+    """Reject keys not in the schema, recursively, with a 'did you mean' message.
+
+    `model.rope_scaling` is a free-form dict (YaRN parameters) and is not descended into.
+    """
+    if not isinstance(data, (dict, DictConfig)):
+        return
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            raise _unknown_key_error(_schema(), dotted)
+        sub = schema[key]
+        if isinstance(sub, DictConfig) and dotted != "model.rope_scaling":
+            _check_keys(sub, value, dotted + ".")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """YAML file + `a.b=value` overrides -> validated ExperimentConfig (typed dataclasses)."""
+    schema = _schema()
+    merged = schema
+    sources = []
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        sources.append(OmegaConf.load(path))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=100)")
+        sources.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        for src in sources:
+            _check_keys(schema, OmegaConf.to_container(src, resolve=False))
+            merged = OmegaConf.merge(merged, src)
+        obj = OmegaConf.to_object(merged)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        raise ConfigError(f"config: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(f"config: bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+    assert isinstance(obj, ExperimentConfig)
+    obj.model = ModelConfig.from_dict(dataclasses.asdict(obj.model))  # re-run validation on the final values
+    validate(obj)
+    return obj
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Cross-field checks the schema's types cannot express."""
+    t = cfg.train
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
+    need(t.global_batch_size > 0 and t.micro_batch_size > 0, "train.global_batch_size and "
+         "train.micro_batch_size must be > 0")
+    need(cfg.data.seq_len > 0, f"data.seq_len must be > 0, got {cfg.data.seq_len}")
+    need(cfg.data.seq_len <= cfg.model.max_position_embeddings,
+         f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+         f"{cfg.model.max_position_embeddings}")
+    need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got '{t.device}'")
+    need(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto|bf16|fp32, got '{t.dtype}'")
+    need(cfg.logging.wandb.mode in ("online", "offline", "disabled"),
+         f"logging.wandb.mode must be online|offline|disabled, got '{cfg.logging.wandb.mode}'")
+    need(cfg.parallel.activation_checkpointing in ("none", "selective", "full"),
+         "parallel.activation_checkpointing must be none|selective|full, got "
+         f"'{cfg.parallel.activation_checkpointing}'")
+    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}")
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config saved with `to_dict` (e.g. from a checkpoint), with the same key checks."""
+    src = OmegaConf.create(d)
+    schema = _schema()
+    _check_keys(schema, d)
+    obj = OmegaConf.to_object(OmegaConf.merge(schema, src))
+    assert isinstance(obj, ExperimentConfig)
+    obj.model = ModelConfig.from_dict(dataclasses.asdict(obj.model))
+    validate(obj)
+    return obj
+
+
+__all__ = ["ConfigError", "ExperimentConfig", "ListConfig", "load_config", "to_yaml", "to_dict", "from_dict"]
