@@ -90,7 +90,7 @@ def param_group_dicts(
         out.append(
             {
                 "params": [p for _, p in named],
-                "weight_decay": weight_decay,
+                "weight_decay": weight_decay if kind in _DECAYED_GROUPS else 0.0,
                 "group": kind,
             }
         )
