@@ -156,15 +156,20 @@ def builtin_corpus(cache_dir: str | os.PathLike[str] | None = None, progress: bo
     with _exclusive_lock(root / f"{name}.lock"):
         if is_shard(train) and is_shard(val):  # another process built it while we waited
             return str(train), str(val)
-        # Holding the lock, we own every leftover of a crashed build of this corpus.
-        for stale in root.glob(f".{name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if out.exists():
-            shutil.rmtree(out)
+        if fcntl is not None:  # holding the lock, we own every leftover of a crashed build of this corpus
+            for stale in root.glob(f".{name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if out.exists():
+                shutil.rmtree(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             _build(tmp, files, tokenizer, progress)
-            os.rename(tmp, out)  # train and val appear together, or not at all
+            try:
+                os.rename(tmp, out)  # train and val appear together, or not at all
+            except OSError:
+                if not (is_shard(train) and is_shard(val)):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # without a lock: another process finished first
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -19,6 +19,7 @@ The global sample order is a pure function of (seed, global sample index):
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -192,6 +193,7 @@ class WindowDataset:
 
     def window_index(self, i: int, epoch: int = 0) -> int:
         """Which window sample `i` of `epoch` is."""
+        i = operator.index(i)
         if not 0 <= i < self.num_windows:
             raise IndexError(f"sample {i} out of range for {self.num_windows} windows")
         perm = self.permutation(epoch)
@@ -200,7 +202,7 @@ class WindowDataset:
     def window(self, w: int) -> np.ndarray:
         """Window `w` in stream order: tokens [w*seq_len, w*seq_len + seq_len + 1), as int64."""
         n = self.seq_len + 1
-        start = w * self.seq_len
+        start = operator.index(w) * self.seq_len
         out = np.empty(n, dtype=np.int64)
         k = bisect.bisect_right(self._starts, start) - 1
         filled = 0
@@ -214,6 +216,7 @@ class WindowDataset:
         return out
 
     def __getitem__(self, i: int) -> np.ndarray:
+        i = operator.index(i)
         if i < 0:
             i += self.num_windows
         return self.window(self.window_index(i))
@@ -221,7 +224,7 @@ class WindowDataset:
     def samples(self, start: int, count: int) -> np.ndarray:
         """Global samples [start, start + count), wrapping into later epochs, as int64 [count, seq_len+1]."""
         out = np.empty((count, self.seq_len + 1), dtype=np.int64)
-        g, row = start, 0
+        g, row = operator.index(start), 0
         while row < count:
             epoch, i = divmod(g, self.num_windows)
             take = min(count - row, self.num_windows - i)

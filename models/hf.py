@@ -131,7 +131,25 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, *, dtype: torch.dt
         state.pop("lm_head.weight", None)
     save_dtype = dtype or next(model.parameters()).dtype
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_checkpoint(model, state, tmp, save_dtype, max_shard_bytes)
+    except BaseException:
+        _rmtree(tmp)  # never leave a half-written temporary directory behind
+        raise
 
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        _rmtree(old)  # left over from an export that crashed between the two renames
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        _rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _write_checkpoint(model: Transformer, state: dict[str, torch.Tensor], tmp: Path, save_dtype: torch.dtype,
+                      max_shard_bytes: int) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in to_hf_tensors(state):
@@ -154,15 +172,6 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, *, dtype: torch.dt
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(to_hf_config(model.cfg, save_dtype), indent=2) + "\n")
-
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        _rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
 
 
 def read_hf_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -189,12 +198,15 @@ def import_hf(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    model.init_weights()  # buffers (rotary, stats); parameters are overwritten just below
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own new Parameter: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])
-    model.to(dtype or state["embed_tokens.weight"].dtype)
-    for moe in model.moe_layers():  # the correction bias stays float32 whatever the weights' dtype
-        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    model.init_weights()  # buffers (rotary, stats); parameters are overwritten just below
+    # Only the parameters take the checkpoint's dtype: the buffers (rotary frequencies, the correction
+    # bias, max-logit and load statistics) stay float32 — `model.to(bf16)` would round them too.
+    target = dtype or state["embed_tokens.weight"].dtype
+    for p in model.parameters():
+        p.data = p.data.to(target)
     model.load_state_dict(state, strict=True)
     return model
 

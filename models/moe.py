@@ -51,14 +51,26 @@ class Router(nn.Module):
         return scores, topk_idx, weight * cfg.routed_scaling_factor
 
 
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these operands: it rejects other dtypes (e.g. float64) and rows
+    whose stride is not a multiple of 16 bytes (e.g. hidden 36 in fp32)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    if x.dtype not in dtypes:
+        return False
+    size = x.element_size()
+    return (x.shape[-1] * size) % 16 == 0 and (w.shape[1] * size) % 16 == 0
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Row block g of `x` (counts[g] rows, blocks in order) times w[g].T; w is [G, out, in].
 
-    One `torch._grouped_mm` call where this build has it (CUDA bf16 and CPU both do in torch >= 2.8);
+    One `torch._grouped_mm` call where this build has it (CUDA bf16 and CPU both do in torch >= 2.8) and
+    the kernel accepts the operands (fp32/bf16/fp16 on CPU, bf16 on CUDA, rows 16-byte aligned);
     otherwise a loop over the groups, which is the same math.
     """
-    if hasattr(torch, "_grouped_mm") and x.dtype == w.dtype and (x.device.type == "cpu" or
-                                                                  x.dtype == torch.bfloat16):
+    if _grouped_mm_ok(x, w):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     out, start = [], 0

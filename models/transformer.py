@@ -114,8 +114,8 @@ class Transformer(nn.Module):
                 yield block.mlp
 
     def max_logits(self) -> dict[int, torch.Tensor]:
-        """Per-head max attention logit of each layer since the last reset (QK-Clip's input)."""
-        return {int(i): b.self_attn.max_logit for i, b in self.layers.items()}
+        """Per-head max attention logit of each layer since the last reset (QK-Clip's input); copies."""
+        return {int(i): b.self_attn.max_logit.clone() for i, b in self.layers.items()}
 
     def reset_max_logits(self) -> None:
         for attn in self.attention_layers():

@@ -1,0 +1,504 @@
+"""Size a run before launching it: parameters, FLOPs per token and per-GPU memory, with no memory spent.
+
+    python -m models.plan --config configs/k2-1t.yaml [--seq-len 4096] [--gpus 2048 --ep 64]
+                          [--optimizer adamw|muon] [--param-dtype fp32] [--json] [model.key=value ...]
+
+The model is built on the meta device, so even the 1T-parameter Kimi K2 plans in a few seconds and the
+parameter counts are those of the real `Transformer` (they match `transformers`' DeepseekV3ForCausalLM).
+FLOPs are counted analytically from the config; the trainer uses `flops_per_token` for MFU.
+
+Library API::
+
+    count_params(model_or_cfg) -> ParamCount           # total / activated per token / breakdown
+    flops_per_token(cfg, seq_len, training=True) -> int
+    memory_per_gpu(model_or_cfg, Layout(gpus=2048, ep=64)) -> MemoryEstimate
+
+FLOPs convention: 2 FLOPs per multiply-add, matmuls only (norms, RoPE, softmax, SiLU, routing top-k and
+the residual adds are left out: together well under 1% here). Attention is causal-aware: query i attends
+to i keys, so a token sees on average (S+1)/2 keys of a length-S sequence. PaLM / Megatron count all S
+keys; `causal=False` gives that count, which is also what the eager kernel executes (it computes the full
+S x S score matrix and masks it). Training = forward + backward = 3 x forward (backward of a matmul is
+two matmuls of the same size: one for the input gradient, one for the weight gradient).
+
+models/ must not import parallel/, optim/, data/ or train/, so this module reads the YAML itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from models.config import ConfigError, ModelConfig
+from models.transformer import Transformer
+
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+OPTIMIZERS: tuple[str, ...] = ("adamw", "muon")
+DEFAULT_SEQ_LEN = 4096
+
+# Parameter categories, in table order. "norms" (RMSNorm gains) keeps the breakdown summing to the total.
+CATEGORIES: tuple[str, ...] = (
+    "embedding", "attention", "dense_ffn", "router", "shared_experts", "routed_experts", "norms", "lm_head",
+)
+# Forward FLOPs per token, in table order.
+FLOP_PARTS: tuple[str, ...] = (
+    "attention_proj", "attention_core", "dense_ffn", "router", "shared_experts", "routed_experts", "lm_head",
+)
+FLOP_LABELS: dict[str, str] = {
+    "attention_proj": "attention projections (q/kv lora, kv_b, o)",
+    "attention_core": "attention scores + values (q.k, p.v)",
+    "dense_ffn": "dense FFN",
+    "router": "router",
+    "shared_experts": "shared experts",
+    "routed_experts": "routed experts",
+    "lm_head": "LM head",
+}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class PlanError(ValueError):
+    """A layout or planning input is wrong; the message says which and how to fix it."""
+
+
+# --- parameters -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter counts. `activated` is what one token uses: all dense parameters plus, in every MoE layer,
+    num_experts_per_tok / n_routed_experts of the stacked routed experts (the published "activated")."""
+
+    total: int
+    activated: int
+    breakdown: dict[str, int]  # category -> parameters (sums to total)
+    activated_breakdown: dict[str, int]  # category -> activated parameters (sums to activated)
+
+    @property
+    def routed_experts(self) -> int:
+        return self.breakdown.get("routed_experts", 0)
+
+
+def param_category(name: str) -> str:
+    """Category of a parameter from its name; works for Chogori's names and for `transformers`' (which add
+    a `model.` prefix and fuse experts as `mlp.experts.gate_up_proj`)."""
+    parts = name.split(".")
+    leaf = parts[-2] if len(parts) >= 2 and parts[-1] in ("weight", "bias") else parts[-1]
+    if "embed_tokens" in parts:
+        return "embedding"
+    if "lm_head" in parts:
+        return "lm_head"
+    if "norm" in leaf:  # input_layernorm, post_attention_layernorm, q_a/kv_a_layernorm, final norm
+        return "norms"
+    if "self_attn" in parts:
+        return "attention"
+    if "mlp" in parts:
+        if "experts" in parts:
+            return "routed_experts"
+        if "shared_experts" in parts:
+            return "shared_experts"
+        if "gate" in parts:
+            return "router"
+        return "dense_ffn"
+    return "other"
+
+
+def _routing(model: nn.Module) -> tuple[int, int]:
+    """(n_routed_experts, num_experts_per_tok) of a Chogori `Transformer` or a `transformers` model."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    try:
+        return int(cfg.n_routed_experts), int(cfg.num_experts_per_tok)
+    except (AttributeError, TypeError) as e:
+        raise PlanError(f"{type(model).__name__} has no .cfg/.config with n_routed_experts and "
+                        "num_experts_per_tok; pass a ModelConfig or a Transformer") from e
+
+
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """The real network on the meta device: shapes without storage, so a 1T model costs nothing."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def count_params(model_or_cfg: nn.Module | ModelConfig) -> ParamCount:
+    """Total and activated-per-token parameters of a model (or of the model a config builds, on meta).
+
+    Counted from the module's parameters (buffers such as the router correction bias are not parameters;
+    tied weights count once). Routed expert tensors are stacked with the expert dim first, so the activated
+    share of each is exactly numel * k / E."""
+    model = meta_model(model_or_cfg) if isinstance(model_or_cfg, ModelConfig) else model_or_cfg
+    n_experts, k = _routing(model)
+    total = dict.fromkeys(CATEGORIES, 0)
+    active = dict.fromkeys(CATEGORIES, 0)
+    for name, p in model.named_parameters():
+        cat = param_category(name)
+        n = p.numel()
+        total[cat] = total.get(cat, 0) + n
+        if cat == "routed_experts":
+            if n % n_experts:
+                raise PlanError(f"routed expert tensor {name} {tuple(p.shape)} is not stacked over "
+                                f"{n_experts} experts")
+            n = n // n_experts * k
+        active[cat] = active.get(cat, 0) + n
+    return ParamCount(total=sum(total.values()), activated=sum(active.values()), breakdown=total,
+                      activated_breakdown=active)
+
+
+# --- FLOPs ------------------------------------------------------------------------------------------
+def _cfg_of(cfg_or_model: ModelConfig | Transformer) -> ModelConfig:
+    return cfg_or_model if isinstance(cfg_or_model, ModelConfig) else cfg_or_model.cfg
+
+
+def flops_breakdown(cfg: ModelConfig | Transformer, seq_len: int, *, causal: bool = True) -> dict[str, int]:
+    """Forward matmul FLOPs per token, by part (see FLOP_PARTS), summed over all layers.
+
+    causal=True: a token attends on average to (S+1)/2 keys (query i sees keys 1..i), so the score and
+    value matmuls cost 2*h*(d_qk+d_v)*(S+1)/2 = h*(d_qk+d_v)*(S+1) per layer. causal=False counts all S
+    keys (PaLM / Megatron convention, and what an unfused masked kernel computes)."""
+    cfg = _cfg_of(cfg)
+    if seq_len < 1:
+        raise PlanError(f"seq_len must be >= 1, got {seq_len}")
+    hid, h = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.q_lora_rank is None:
+        q = hid * h * cfg.qk_head_dim
+    else:
+        q = hid * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
+    kv = hid * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim
+                                                                                     + cfg.v_head_dim)
+    attn_proj = 2 * (q + kv + h * cfg.v_head_dim * hid)
+    keys_x2 = seq_len + 1 if causal else 2 * seq_len  # 2 * (mean keys per query)
+    attn_core = h * (cfg.qk_head_dim + cfg.v_head_dim) * keys_x2
+
+    n_dense, n_moe = cfg.first_k_dense_replace, cfg.num_moe_layers
+    swiglu = 2 * 3 * hid  # gate, up, down: three matmuls of hid x width per unit of width
+    return {
+        "attention_proj": cfg.num_hidden_layers * attn_proj,
+        "attention_core": cfg.num_hidden_layers * attn_core,
+        "dense_ffn": n_dense * swiglu * cfg.intermediate_size,
+        "router": n_moe * 2 * hid * cfg.n_routed_experts,
+        "shared_experts": n_moe * swiglu * cfg.moe_intermediate_size * cfg.n_shared_experts,
+        "routed_experts": n_moe * swiglu * cfg.moe_intermediate_size * cfg.num_experts_per_tok,
+        "lm_head": 2 * hid * cfg.vocab_size,
+    }
+
+
+def flops_per_token(cfg: ModelConfig | Transformer, seq_len: int, *, training: bool = True,
+                    causal: bool = True) -> int:
+    """Matmul FLOPs per token at sequence length `seq_len`: forward, or forward+backward (3x) when
+    training. Model FLOPs (no activation-checkpointing recompute), the numerator of MFU."""
+    fwd = sum(flops_breakdown(cfg, seq_len, causal=causal).values())
+    return 3 * fwd if training else fwd
+
+
+def approx_flops_per_token(cfg: ModelConfig, params: ParamCount, seq_len: int) -> dict[str, int]:
+    """The usual back-of-envelope training FLOPs, for comparison with the exact count:
+    `6N` = 6 * activated parameters, and `6N+attn` = 6 * activated matmul parameters (no embedding lookup)
+    + 6 * layers * h * (d_qk + d_v) * S (PaLM style: full S keys, no causal discount)."""
+    matmul = params.activated - params.breakdown["embedding"]
+    if cfg.tie_word_embeddings:
+        matmul += cfg.vocab_size * cfg.hidden_size  # the tied weight is still the LM head's matmul
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+    return {"6N": 6 * params.activated, "6N+attn": 6 * matmul + attn}
+
+
+# --- memory -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout and storage dtypes. Routed experts: expert parallel over `ep` ranks (each holds
+    n_routed_experts/ep whole experts), then FSDP over the gpus/ep ranks that hold the same experts.
+    Everything else: FSDP over all `gpus` ranks."""
+
+    gpus: int = 1
+    ep: int = 1
+    optimizer: str = "adamw"
+    param_dtype: str = "fp32"  # master weights
+    grad_dtype: str = "fp32"
+    optim_dtype: str = "fp32"  # optimizer states (AdamW: 2, Muon: 1 for matrices, 2 for the AdamW rest)
+    compute_dtype: str = "bf16"  # dtype of the all-gathered weights the forward runs on
+
+    def validate(self, cfg: ModelConfig) -> None:
+        """Raise PlanError naming the flag and the fix for a layout that cannot be built."""
+        if self.gpus < 1:
+            raise PlanError(f"--gpus must be >= 1, got {self.gpus}")
+        if self.ep < 1:
+            raise PlanError(f"--ep must be >= 1, got {self.ep}")
+        if self.optimizer not in OPTIMIZERS:
+            raise PlanError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+        for flag in ("param_dtype", "grad_dtype", "optim_dtype", "compute_dtype"):
+            if getattr(self, flag) not in DTYPE_BYTES:
+                raise PlanError(f"--{flag.replace('_', '-')} must be one of {', '.join(DTYPE_BYTES)}, "
+                                f"got '{getattr(self, flag)}'")
+        if self.ep == 1:
+            return
+        if cfg.num_moe_layers == 0:
+            raise PlanError(f"--ep {self.ep} needs MoE layers, but this model has none; use --ep 1")
+        e = cfg.n_routed_experts
+        valid = [d for d in range(1, math.gcd(self.gpus, e) + 1) if self.gpus % d == 0 and e % d == 0]
+        hint = f"; --ep values that fit --gpus {self.gpus} and {e} experts: {', '.join(map(str, valid))}"
+        if self.gpus % self.ep:
+            raise PlanError(f"--gpus {self.gpus} is not divisible by --ep {self.ep}: expert parallelism "
+                            f"splits the ranks into groups of ep{hint}")
+        if e % self.ep:
+            raise PlanError(f"n_routed_experts={e} is not divisible by --ep {self.ep}: every EP rank must "
+                            f"hold the same number of whole experts{hint}")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU bytes of the sharded training state (weights, gradients, optimizer states)."""
+
+    params_per_gpu: float  # parameters held by one GPU (fractional: even sharding)
+    weights: float
+    grads: float
+    optimizer: float
+    largest_unit_gathered: float  # transient: one FSDP unit all-gathered in compute dtype (not in total)
+    largest_unit: str
+    experts_per_rank: int
+    expert_fsdp: int  # ranks an expert shard is FSDP-split over (gpus / ep)
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+def _is_muon_matrix(name: str, p: nn.Parameter) -> bool:
+    """Muon takes the 2-D/3-D weights inside the blocks; embeddings, LM head and vectors stay on AdamW
+    (the same split optim/ uses)."""
+    cat = param_category(name)
+    return cat not in ("embedding", "lm_head") and p.ndim in (2, 3)
+
+
+def memory_per_gpu(model_or_cfg: nn.Module | ModelConfig, layout: Layout) -> MemoryEstimate:
+    """Per-GPU memory of weights, gradients and optimizer states under `layout`, plus the largest
+    transient all-gather. Assumes even sharding (FSDP2 pads each tensor's sharded dim to a multiple of the
+    shard count; negligible when experts are sharded on a dim that divides, e.g. Shard(1))."""
+    model = meta_model(model_or_cfg) if isinstance(model_or_cfg, ModelConfig) else model_or_cfg
+    cfg: ModelConfig = model.cfg
+    layout.validate(cfg)
+    n, ep = layout.gpus, layout.ep
+    state_slots = {"adamw": (2, 2), "muon": (1, 2)}[layout.optimizer]  # (matrix, other) states per param
+
+    held = 0.0  # parameters on one GPU
+    state_params = 0.0  # parameter-states on one GPU (params x states)
+    units: dict[str, float] = {}  # FSDP unit -> parameters it all-gathers on one GPU
+    for name, p in model.named_parameters():
+        numel = p.numel()
+        expert = param_category(name) == "routed_experts"
+        # Experts: 1/ep of them by EP, then 1/(n/ep) by FSDP -> numel/n; dense: numel/n by FSDP.
+        share = numel / n
+        held += share
+        muon = layout.optimizer == "muon" and _is_muon_matrix(name, p)
+        state_params += share * state_slots[0 if muon else 1]
+        m = _LAYER.search(name)
+        unit = f"layers.{m.group(1)}" if m else name.split(".")[0]
+        units[unit] = units.get(unit, 0.0) + (numel / ep if expert else numel)
+
+    largest = max(units, key=units.__getitem__)
+    b = DTYPE_BYTES
+    assumptions = [
+        "weights, grads and optimizer states fully sharded (FSDP / ZeRO-3); dense params over all "
+        f"{n} ranks, routed experts over ep={ep} (whole experts) x fsdp={n // ep}",
+        "even sharding: FSDP2's per-tensor dim padding ignored",
+        f"optimizer {layout.optimizer}: "
+        + ("AdamW 2 states for every param" if layout.optimizer == "adamw"
+           else "Muon 1 momentum for block matrices; AdamW 2 states for embedding, LM head, norms"),
+        "not included: activations, transient all-gather/reduce-scatter buffers (largest shown apart), "
+        "Muon's gathered matrices for Newton-Schulz, all-to-all buffers, CUDA context, fragmentation",
+    ]
+    return MemoryEstimate(
+        params_per_gpu=held,
+        weights=held * b[layout.param_dtype],
+        grads=held * b[layout.grad_dtype],
+        optimizer=state_params * b[layout.optim_dtype],
+        largest_unit_gathered=units[largest] * b[layout.compute_dtype],
+        largest_unit=largest,
+        experts_per_rank=cfg.n_routed_experts // ep if cfg.num_moe_layers else 0,
+        expert_fsdp=n // ep,
+        assumptions=assumptions,
+    )
+
+
+# --- config loading ---------------------------------------------------------------------------------
+@dataclass
+class PlanInput:
+    """What the planner reads from an experiment YAML (the `model:` group and a few defaults)."""
+
+    cfg: ModelConfig
+    seq_len: int | None  # data.seq_len, if set
+    optimizer: str | None  # optim.name, if it is one the planner knows
+    ep: int | None  # parallel.ep, if set
+
+
+def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> PlanInput:
+    """Read the `model:` group (and data.seq_len, optim.name, parallel.ep) of an experiment YAML.
+    `overrides` are OmegaConf dotlist entries such as `model.num_hidden_layers=30`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"config file not found: {path}")
+    conf = OmegaConf.load(path)
+    if overrides:
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+    if "model" not in conf:
+        raise PlanError(f"{path} has no 'model:' group")
+    cfg = ModelConfig.from_dict(OmegaConf.to_container(conf.model, resolve=True))
+    seq_len = OmegaConf.select(conf, "data.seq_len")
+    opt = OmegaConf.select(conf, "optim.name")
+    ep = OmegaConf.select(conf, "parallel.ep")
+    opt = str(opt).lower() if opt is not None else None
+    return PlanInput(cfg=cfg, seq_len=int(seq_len) if seq_len is not None else None,
+                     optimizer=opt if opt in OPTIMIZERS else None, ep=int(ep) if ep is not None else None)
+
+
+# --- the plan ---------------------------------------------------------------------------------------
+def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "") -> dict[str, Any]:
+    """Everything the CLI prints, as a JSON-ready dict."""
+    layout.validate(cfg)
+    model = meta_model(cfg)
+    params = count_params(model)
+    fwd = flops_breakdown(cfg, seq_len, causal=True)
+    fwd_total = sum(fwd.values())
+    train = 3 * fwd_total
+    approx = approx_flops_per_token(cfg, params, seq_len)
+    mem = memory_per_gpu(model, layout)
+    gib = 2.0**30
+    return {
+        "config": source,
+        "seq_len": seq_len,
+        "params": {"total": params.total, "activated": params.activated, "breakdown": params.breakdown,
+                   "activated_breakdown": params.activated_breakdown},
+        "flops_per_token": {
+            "convention": "2 FLOPs per multiply-add, matmuls only; causal attention: mean (S+1)/2 keys per "
+                          "query; training = 3 x forward",
+            "forward_breakdown": fwd,
+            "forward": fwd_total,
+            "training": train,
+            "training_noncausal": flops_per_token(cfg, seq_len, training=True, causal=False),
+            "approx_6N": approx["6N"],
+            "approx_6N_plus_attention": approx["6N+attn"],
+        },
+        "layout": asdict(layout),
+        "memory": {
+            "params_per_gpu": mem.params_per_gpu,
+            "experts_per_rank": mem.experts_per_rank,
+            "expert_fsdp": mem.expert_fsdp,
+            "bytes_per_gpu": {"weights": mem.weights, "grads": mem.grads, "optimizer": mem.optimizer,
+                              "total": mem.total},
+            "gib_per_gpu": {"weights": mem.weights / gib, "grads": mem.grads / gib,
+                            "optimizer": mem.optimizer / gib, "total": mem.total / gib},
+            "largest_unit": mem.largest_unit,
+            "largest_unit_gathered_gib": mem.largest_unit_gathered / gib,
+            "assumptions": mem.assumptions,
+        },
+    }
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The human-readable table."""
+    p, f, m, lay = plan["params"], plan["flops_per_token"], plan["memory"], plan["layout"]
+    s = plan["seq_len"]
+    w = 44
+    lines = [f"Chogori plan: {plan['config'] or 'model'}   seq_len {s}", ""]
+
+    lines.append(f"{'Parameters':<{w}}{'total':>22}{'activated / token':>22}")
+    for cat, n in p["breakdown"].items():
+        if n or cat in CATEGORIES:
+            lines.append(f"  {cat.replace('_', ' '):<{w - 2}}{n:>22,}{p['activated_breakdown'][cat]:>22,}")
+    lines.append(f"  {'total':<{w - 2}}{p['total']:>22,}{p['activated']:>22,}")
+    lines.append(f"  {'':<{w - 2}}{_human(p['total']):>22}{_human(p['activated']):>22}")
+    lines.append("")
+
+    lines.append(f"{'FLOPs per token (2 per multiply-add)':<{w}}{'forward':>22}{'fwd + bwd':>22}")
+    for part, n in f["forward_breakdown"].items():
+        lines.append(f"  {FLOP_LABELS[part]:<{w - 2}}{n:>22,}{3 * n:>22,}")
+    lines.append(f"  {'total':<{w - 2}}{f['forward']:>22,}{f['training']:>22,}")
+    lines.append(f"  {'':<{w - 2}}{_human(f['forward']):>22}{_human(f['training']):>22}")
+    lines.append(f"  attention is causal: query i sees i keys, (S+1)/2 = {(s + 1) / 2:g} on average; "
+                 "training = 3 x forward")
+    tr = f["training"]
+    lines.append(f"  compare: no causal discount (all S keys)   {f['training_noncausal']:>22,}  "
+                 f"({f['training_noncausal'] / tr:.3f}x)")
+    lines.append(f"           6 * N_activated                   {f['approx_6N']:>22,}  "
+                 f"({f['approx_6N'] / tr:.3f}x)")
+    lines.append(f"           6 * N_act(matmul) + 6*L*h*(dqk+dv)*S {f['approx_6N_plus_attention']:>19,}  "
+                 f"({f['approx_6N_plus_attention'] / tr:.3f}x)")
+    lines.append("")
+
+    opt = lay["optimizer"]
+    states = "2" if opt == "adamw" else "1 (matrices) / 2"
+    lines.append(f"Memory per GPU: {lay['gpus']} GPUs, ep {lay['ep']} ({m['experts_per_rank']} experts per "
+                 f"rank, expert fsdp {m['expert_fsdp']}), dense fsdp {lay['gpus']}, {opt}")
+    lines.append(f"  {'parameters held per GPU':<{w - 2}}{m['params_per_gpu']:>22,.0f}"
+                 f"{_human(m['params_per_gpu']):>22}")
+    g = m["gib_per_gpu"]
+    rows = [(f"weights ({lay['param_dtype']} master)", g["weights"]),
+            (f"gradients ({lay['grad_dtype']})", g["grads"]),
+            (f"optimizer ({opt}: {states} x {lay['optim_dtype']})", g["optimizer"]),
+            ("total (weights + grads + optimizer)", g["total"])]
+    for label, v in rows:
+        lines.append(f"  {label:<{w - 2}}{v:>18.2f} GiB")
+    gathered = m["largest_unit_gathered_gib"]
+    lines.append(f"  {'not in total: largest FSDP unit gathered':<{w - 2}}{gathered:>18.2f} GiB"
+                 f"  ({m['largest_unit']}, {lay['compute_dtype']}, transient)")
+    lines.append("  assumptions:")
+    lines += [f"    - {a}" for a in m["assumptions"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.plan",
+        description="Count parameters, FLOPs per token and per-GPU memory of a model config, on the meta "
+                    "device (nothing is allocated).")
+    parser.add_argument("--config", required=True, help="experiment YAML with a 'model:' group")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="sequence length for attention FLOPs "
+                             f"(default: data.seq_len, else {DEFAULT_SEQ_LEN})")
+    parser.add_argument("--gpus", type=int, default=1, help="world size (default 1)")
+    parser.add_argument("--ep", type=int, default=None,
+                        help="expert-parallel degree (default: the config's parallel.ep when it divides "
+                             "--gpus and n_routed_experts, else 1)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="optimizer state layout (default: the config's optim.name, else adamw)")
+    for flag, default, what in (("param-dtype", "fp32", "master weights"),
+                                ("grad-dtype", "fp32", "gradients"),
+                                ("optim-dtype", "fp32", "optimizer states"),
+                                ("compute-dtype", "bf16", "gathered weights for compute")):
+        parser.add_argument(f"--{flag}", choices=list(DTYPE_BYTES), default=default,
+                            help=f"dtype of {what} (default {default})")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("overrides", nargs="*", help="OmegaConf overrides, e.g. model.num_hidden_layers=30")
+    args = parser.parse_args(argv)
+
+    try:
+        inp = load_plan_input(args.config, args.overrides)
+        seq_len = args.seq_len or inp.seq_len or DEFAULT_SEQ_LEN
+        ep = args.ep
+        if ep is None:
+            fits = inp.ep and args.gpus % inp.ep == 0 and inp.cfg.n_routed_experts % inp.ep == 0
+            ep = inp.ep if fits else 1
+        layout = Layout(gpus=args.gpus, ep=ep, optimizer=args.optimizer or inp.optimizer or "adamw",
+                        param_dtype=args.param_dtype, grad_dtype=args.grad_dtype,
+                        optim_dtype=args.optim_dtype, compute_dtype=args.compute_dtype)
+        plan = make_plan(inp.cfg, seq_len, layout, source=str(args.config))
+    except (PlanError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

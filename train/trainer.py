@@ -1,0 +1,237 @@
+"""The training loop: build model, data, optimizer from one ExperimentConfig and run optimizer steps.
+
+One step = `global_batch_size` sequences, run as micro-batches of `micro_batch_size` with gradient
+accumulation, then clip, optimizer step, LR schedule step, and the router-bias update from the expert load
+of the whole step. The loop is deterministic for a given seed: the same config gives the same losses,
+and resuming from a checkpoint continues the exact trajectory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data.loader import build_loaders, eval_batches
+from models import Transformer
+from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
+from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from train.config import ExperimentConfig, to_yaml
+from train.metrics import MetricsLogger
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 on CPU (CPU bf16 matmuls are slow and tests want fp32)."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def build_model(cfg: ExperimentConfig, device: torch.device) -> Transformer:
+    """Construct on the meta device (no memory), materialize on `device`, init from the run's seed."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    model.init_weights(generator=gen)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.rank, self.world = 0, 1  # parallel/ (expert + data parallelism) extends this to many ranks
+        self.out_dir = Path(t.out_dir)
+        self.device = pick_device(t.device)
+        self.amp_dtype = autocast_dtype(t.dtype, self.device)
+        torch.manual_seed(t.seed)
+
+        per_rank = t.global_batch_size // self.world
+        if t.global_batch_size % self.world or per_rank % t.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} must split into {self.world} rank(s) x "
+                f"whole micro-batches of train.micro_batch_size={t.micro_batch_size}")
+        self.accum_steps = per_rank // t.micro_batch_size
+
+        self.model = build_model(cfg, self.device)
+        self.optimizer = build_optimizer(self.model, dataclasses.asdict(cfg.optim))
+        self.scheduler = build_lr_scheduler(self.optimizer, dataclasses.asdict(cfg.optim), t.steps)
+        self.train_loader, self.val_dataset, self.tokenizer = build_loaders(
+            cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size, seed=t.seed,
+            dp_rank=self.rank, dp_world=self.world)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
+                             f"{cfg.model.vocab_size}; raise model.vocab_size")
+
+        self.step = 0
+        self.tokens_seen = 0
+        resume = resolve_resume(cfg.checkpoint.resume, self.out_dir)
+        if resume is not None:
+            state = load_checkpoint(resume, self.model, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.train_loader.load_state_dict(state["data"])
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.resumed_from = resume
+        self.metrics = MetricsLogger(cfg, self.out_dir, rank=self.rank, resumed_step=self.step)
+
+    # --- one optimizer step ---------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            out = self.model(inputs.to(self.device, non_blocking=True))
+        lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.to(self.device).flatten())
+        return lm, out.balance_loss
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        t0 = time.perf_counter()
+        inputs, targets = next(self.train_loader)
+        lm_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        mb = cfg.train.micro_batch_size
+        for i in range(self.accum_steps):
+            lm, aux = self._loss(inputs[i * mb:(i + 1) * mb], targets[i * mb:(i + 1) * mb])
+            ((lm + aux) / self.accum_steps).backward()
+            lm_sum += lm.detach()
+            aux_sum += aux.detach()
+
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loads = model.update_router_biases()
+
+        self.step += 1
+        tokens = inputs.numel() * self.world
+        self.tokens_seen += tokens
+        max_logits = model.max_logits()
+        model.reset_max_logits()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        rec: dict[str, Any] = {
+            "step": self.step,
+            "loss": (lm_sum / self.accum_steps).item(),
+            "balance_loss": (aux_sum / self.accum_steps).item(),
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens / dt,
+            "tokens_seen": self.tokens_seen,
+            "step_time_s": dt,
+            "max_logit": max(v.max().item() for v in max_logits.values()),
+        }
+        for layer, load in loads.items():
+            rec[f"moe/load_imbalance/layer{layer}"] = (load.max() / load.float().mean().clamp(min=1e-9)).item()
+        for layer, moe_bias in self._router_bias_spread().items():
+            rec[f"moe/bias_spread/layer{layer}"] = moe_bias
+        return rec
+
+    def _router_bias_spread(self) -> dict[int, float]:
+        out = {}
+        for name, block in self.model.layers.items():
+            bias = getattr(getattr(block.mlp, "gate", None), "e_score_correction_bias", None)
+            if bias is not None:
+                out[int(name)] = (bias.max() - bias.min()).item()
+        return out
+
+    # --- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean next-token loss over the first `eval_batches` batches of the held-out split (same each time)."""
+        cfg = self.cfg
+        self.model.eval()
+        total, n = 0.0, 0
+        # eval_batches takes the global batch and gives each rank its slice: one micro-batch per rank.
+        batch = cfg.train.micro_batch_size * self.world
+        for inputs, targets in eval_batches(self.val_dataset, batch, cfg.train.eval_batches,
+                                            dp_rank=self.rank, dp_world=self.world):
+            lm, _ = self._loss(inputs, targets)
+            total += lm.item()
+            n += 1
+        self.model.reset_max_logits()
+        self.model.train()
+        loss = total / max(n, 1)
+        return {"step": self.step, "split": "val", "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # --- checkpointing --------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen,
+                 "scheduler": self.scheduler.state_dict(), "data": self.train_loader.state_dict()}
+        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, to_yaml(self.cfg),
+                               keep_last=self.cfg.checkpoint.keep_last)
+        self.metrics.event(f"saved checkpoint {path}")
+        return path
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t, ck = cfg.train, cfg.checkpoint
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        m = self.model
+        self.metrics.event(
+            f"chogori: {m.num_params() / 1e6:.2f}M parameters, {cfg.model.num_hidden_layers} layers "
+            f"({cfg.model.num_moe_layers} MoE x {cfg.model.n_routed_experts} experts), device {self.device}, "
+            f"dtype {self.amp_dtype or torch.float32}, {t.global_batch_size} x {cfg.data.seq_len} tokens/step "
+            f"({self.accum_steps} micro-batch(es)), run dir {self.out_dir}")
+        self.metrics.event(describe_groups(split_params(m)))
+        if self.resumed_from is not None:
+            self.metrics.event(f"resumed from {self.resumed_from} at step {self.step}")
+
+        bar = _progress(t.steps, self.step, enabled=cfg.logging.progress and self.rank == 0)
+        last: dict[str, Any] = {}
+        first_loss = None
+        while self.step < t.steps:
+            rec = self.train_step()
+            first_loss = rec["loss"] if first_loss is None else first_loss
+            last = rec
+            echo = self.step % t.log_interval == 0 or self.step == t.steps
+            self.metrics.log(rec, echo=echo)
+            if bar is not None:
+                bar.update(1)
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                self.metrics.log(self.evaluate())
+            if ck.interval and self.step % ck.interval == 0 and self.step < t.steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if ck.save_final and last:
+            self.save()
+        self.metrics.close()
+        return {"first_loss": first_loss, **last}
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    """A tqdm bar on an interactive terminal only; log lines stay readable in files and CI."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
