@@ -1,0 +1,68 @@
+"""Contracts of the repository itself: CI runs what README says, every config key is documented, and the
+network never imports the machinery around it (DESIGN.md's dependency direction)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+from train.config import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [blocks[0].strip(), blocks[1].strip()]
+
+
+def test_readme_opens_with_two_single_line_commands_and_ci_runs_the_test_one() -> None:
+    train_cmd, test_cmd = readme_commands()
+    assert "\n" not in train_cmd and "\n" not in test_cmd
+    assert train_cmd.startswith("pip install torch==2.13.0") and "configs/tiny.yaml" in train_cmd
+    assert test_cmd.startswith("pip install torch==2.13.0") and "pytest" in test_cmd
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_cmd in ci_lines
+
+
+def _keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type)
+                                                and dataclasses.is_dataclass(f.default_factory)):
+            sub = f.default_factory if isinstance(f.default_factory, type) else f.type
+            out += _keys(sub, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_config_key_is_documented() -> None:
+    """Each key must appear as a table row (`| `key`` or `| `sub.key``) in its own group's section."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    sections = dict(re.findall(r"^## `(\w+)`.*?\n(.*?)(?=^## |\Z)", doc, flags=re.S | re.M))
+    keys = _keys(ExperimentConfig)
+    assert len(keys) > 60
+    missing = []
+    for key in keys:
+        group, _, rest = key.partition(".")
+        rows = [line for line in sections.get(group, "").splitlines() if line.startswith("| `")]
+        if not any(f"`{rest}`" in row.split("|")[1] for row in rows):
+            missing.append(key)
+    assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_models_imports_nothing_from_the_machinery_around_it() -> None:
+    forbidden = {"parallel", "optim", "data", "train", "launch"}
+    offenders = []
+    for path in (ROOT / "models").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
+    assert not offenders, offenders
