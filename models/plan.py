@@ -14,11 +14,12 @@ Library API::
     memory_per_gpu(model_or_cfg, Layout(gpus=2048, ep=64)) -> MemoryEstimate
 
 FLOPs convention: 2 FLOPs per multiply-add, matmuls only (norms, RoPE, softmax, SiLU, routing top-k and
-the residual adds are left out: together well under 1% here). Attention is causal-aware: query i attends
-to i keys, so a token sees on average (S+1)/2 keys of a length-S sequence. PaLM / Megatron count all S
-keys; `causal=False` gives that count, which is also what the eager kernel executes (it computes the full
-S x S score matrix and masks it). Training = forward + backward = 3 x forward (backward of a matmul is
-two matmuls of the same size: one for the input gradient, one for the weight gradient).
+the residual adds are left out: they are memory-bound and well under 1% of the matmul FLOPs at K2 size).
+Attention is causal-aware: query i attends to i keys, so a token sees on average (S+1)/2 keys of a
+length-S sequence. PaLM / Megatron count all S keys; `causal=False` gives that count, which is also what
+the eager kernel executes (it computes the full S x S score matrix and masks it). Training = forward +
+backward = 3 x forward (backward of a matmul is two matmuls of the same size: one for the input
+gradient, one for the weight gradient).
 
 models/ must not import parallel/, optim/, data/ or train/, so this module reads the YAML itself.
 """
@@ -274,7 +275,7 @@ def _is_muon_matrix(name: str, p: nn.Parameter) -> bool:
     return cat not in ("embedding", "lm_head") and p.ndim in (2, 3)
 
 
-def memory_per_gpu(model_or_cfg: nn.Module | ModelConfig, layout: Layout) -> MemoryEstimate:
+def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout) -> MemoryEstimate:
     """Per-GPU memory of weights, gradients and optimizer states under `layout`, plus the largest
     transient all-gather. Assumes even sharding (FSDP2 pads each tensor's sharded dim to a multiple of the
     shard count; negligible when experts are sharded on a dim that divides, e.g. Shard(1))."""
@@ -392,6 +393,7 @@ def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "
             "gib_per_gpu": {"weights": mem.weights / gib, "grads": mem.grads / gib,
                             "optimizer": mem.optimizer / gib, "total": mem.total / gib},
             "largest_unit": mem.largest_unit,
+            "largest_unit_gathered_bytes": mem.largest_unit_gathered,
             "largest_unit_gathered_gib": mem.largest_unit_gathered / gib,
             "assumptions": mem.assumptions,
         },
@@ -403,6 +405,13 @@ def _human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.3g}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -428,29 +437,28 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append(f"  attention is causal: query i sees i keys, (S+1)/2 = {(s + 1) / 2:g} on average; "
                  "training = 3 x forward")
     tr = f["training"]
-    lines.append(f"  compare: no causal discount (all S keys)   {f['training_noncausal']:>22,}  "
-                 f"({f['training_noncausal'] / tr:.3f}x)")
-    lines.append(f"           6 * N_activated                   {f['approx_6N']:>22,}  "
-                 f"({f['approx_6N'] / tr:.3f}x)")
-    lines.append(f"           6 * N_act(matmul) + 6*L*h*(dqk+dv)*S {f['approx_6N_plus_attention']:>19,}  "
-                 f"({f['approx_6N_plus_attention'] / tr:.3f}x)")
+    lines.append("  cross-check, training FLOPs per token:")
+    for label, v in (("all S keys (no causal discount)", f["training_noncausal"]),
+                     ("6 * N_activated", f["approx_6N"]),
+                     ("6 * N_act(matmul) + 6*L*h*(dqk+dv)*S", f["approx_6N_plus_attention"])):
+        lines.append(f"    {label:<{w - 4}}{'':>22}{v:>22,}  ({v / tr:.3f}x exact)")
     lines.append("")
 
     opt = lay["optimizer"]
-    states = "2" if opt == "adamw" else "1 (matrices) / 2"
-    lines.append(f"Memory per GPU: {lay['gpus']} GPUs, ep {lay['ep']} ({m['experts_per_rank']} experts per "
+    gpus = f"{lay['gpus']} GPU" + ("s" if lay["gpus"] > 1 else "")
+    lines.append(f"Memory per GPU: {gpus}, ep {lay['ep']} ({m['experts_per_rank']} experts per "
                  f"rank, expert fsdp {m['expert_fsdp']}), dense fsdp {lay['gpus']}, {opt}")
     lines.append(f"  {'parameters held per GPU':<{w - 2}}{m['params_per_gpu']:>22,.0f}"
                  f"{_human(m['params_per_gpu']):>22}")
-    g = m["gib_per_gpu"]
-    rows = [(f"weights ({lay['param_dtype']} master)", g["weights"]),
-            (f"gradients ({lay['grad_dtype']})", g["grads"]),
-            (f"optimizer ({opt}: {states} x {lay['optim_dtype']})", g["optimizer"]),
-            ("total (weights + grads + optimizer)", g["total"])]
+    by = m["bytes_per_gpu"]
+    rows = [(f"weights ({lay['param_dtype']} master)", by["weights"]),
+            (f"gradients ({lay['grad_dtype']})", by["grads"]),
+            (f"optimizer ({opt}, {lay['optim_dtype']} states)", by["optimizer"]),
+            ("total (weights + grads + optimizer)", by["total"])]
     for label, v in rows:
-        lines.append(f"  {label:<{w - 2}}{v:>18.2f} GiB")
-    gathered = m["largest_unit_gathered_gib"]
-    lines.append(f"  {'not in total: largest FSDP unit gathered':<{w - 2}}{gathered:>18.2f} GiB"
+        lines.append(f"  {label:<{w - 2}}{_bytes(v):>22}")
+    lines.append(f"  {'not in total: largest FSDP unit gathered':<{w - 2}}"
+                 f"{_bytes(m['largest_unit_gathered_bytes']):>22}"
                  f"  ({m['largest_unit']}, {lay['compute_dtype']}, transient)")
     lines.append("  assumptions:")
     lines += [f"    - {a}" for a in m["assumptions"]]
