@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models.config import ModelConfig
 from models.layers import MLP
@@ -92,9 +93,17 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [N, H] token copies sorted by expert; counts: [E] rows per expert -> [N, H]."""
-        h = F.silu(grouped_matmul(x, self.gate_proj, counts)) * grouped_matmul(x, self.up_proj, counts)
-        return grouped_matmul(h, self.down_proj, counts)
+        """x: [N, H] token copies sorted by expert; counts: [E_local] rows per expert -> [N, H].
+
+        Under expert parallelism the weights are DTensors sharded on the expert dim; the GEMMs run on this
+        rank's local experts (the dispatch hooks of parallel/ have already brought their tokens here)."""
+        gate, up, down = (_local(w) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        h = F.silu(grouped_matmul(x, gate, counts)) * grouped_matmul(x, up, counts)
+        return grouped_matmul(h, down, counts)
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 @dataclass

@@ -1,0 +1,80 @@
+"""FSDP2 wrapping and activation checkpointing, applied to the plain model from outside."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from models.moe import MoE
+from models.transformer import Transformer
+
+# Selective checkpointing keeps what is expensive to recompute (matmuls, attention, the all-to-all's
+# inputs) and recomputes the cheap elementwise work (norms, SwiGLU, RoPE) — the split K2 reports using.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _SAVE_OPS.add(torch.ops.aten._grouped_mm.default)
+
+
+def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """`none`, `selective` (op-level: save matmul outputs, recompute the rest) or `full` (recompute each
+    block from its input). Wraps blocks in place; parameter names gain `_checkpoint_wrapped_module.`,
+    which torch.distributed.checkpoint and optim/ strip."""
+    if mode == "none":
+        return
+    if mode not in ("selective", "full"):
+        raise ValueError(f"parallel.activation_checkpointing must be none|selective|full, got '{mode}'")
+    for name, block in list(model.layers.items()):
+        if mode == "full":
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+        else:
+            model.layers[name] = checkpoint_wrapper(
+                block, preserve_rng_state=False,
+                context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy))
+
+
+def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32) -> None:
+    """Shard each block, then the root (embeddings, final norm, LM head), over the flattened "dp" mesh.
+
+    Routed experts are sharded separately over "dp_mod_ep" (they are already split over "ep"). Their
+    gradient is the sum over the EP group's tokens, so FSDP must divide it by the whole data-parallel
+    size, not by the size of its own mesh, for every parameter to get the gradient of the global mean loss.
+    """
+    dp_mesh = mesh["dp"]
+    ep = mesh["ep"].size()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.layers.values():
+        inner = getattr(block, "_checkpoint_wrapped_module", block)
+        if isinstance(inner.mlp, MoE) and ep > 1:
+            experts = inner.mlp.experts
+            dp_mod_ep = mesh["dp_mod_ep"]
+            n_local = experts.gate_proj.shape[0] // ep
+            # Shard the expert dim when there are enough local experts to go round, else the row dim.
+            placement = Shard(0) if n_local >= dp_mod_ep.size() else Shard(1)
+            fully_shard(experts, mesh=dp_mod_ep, mp_policy=mp, shard_placement_fn=lambda p, s=placement: s)
+            experts.set_gradient_divide_factor(float(dp_mesh.size()))
+            if dist.get_backend(dp_mod_ep.get_group()) == "gloo":  # gloo has no PREMUL_SUM: scale separately
+                experts.set_force_sum_reduction_for_comms(True)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "_checkpoint_wrapped_module", module)

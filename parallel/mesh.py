@@ -1,0 +1,73 @@
+"""The one DeviceMesh of a run, and the process-group set-up around it.
+
+All ranks are data-parallel ranks (FSDP2 shards the dense weights over all of them). Expert parallelism
+borrows from data parallelism: consecutive groups of `ep` ranks (intra-node first, where the all-to-all
+is cheapest) each hold all experts, `E / ep` whole experts per rank; the same expert shard is replicated
+(and further FSDP-sharded) across the `world / ep` groups.
+
+    mesh dims: ("dp_mod_ep", "ep")  — shape (world / ep, ep); "dp" is both dims flattened.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from models.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world: int
+    dp_shard: int
+    ep: int
+
+    @property
+    def dp_mod_ep(self) -> int:
+        return self.dp_shard // self.ep
+
+    @classmethod
+    def from_config(cls, parallel_cfg: object, world: int, n_routed_experts: int) -> ParallelDims:
+        """Resolve `-1` ("the rest of the world") and validate, naming the key at fault."""
+        dp_shard = int(getattr(parallel_cfg, "dp_shard", -1))
+        ep = int(getattr(parallel_cfg, "ep", 1))
+        if dp_shard == -1:
+            dp_shard = world
+        if ep == -1:
+            ep = dp_shard
+        if dp_shard != world:
+            raise ConfigError(f"parallel.dp_shard={dp_shard} must equal the world size {world} (or be -1): "
+                              "data parallelism is the only dimension so far")
+        if ep < 1 or dp_shard % ep:
+            raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size {dp_shard} "
+                              f"(valid: {[d for d in range(1, dp_shard + 1) if dp_shard % d == 0]})")
+        if n_routed_experts and n_routed_experts % ep:
+            raise ConfigError(f"model.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}: "
+                              "each expert-parallel rank must hold the same number of whole experts")
+        return cls(world=world, dp_shard=dp_shard, ep=ep)
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    """2-D mesh ("dp_mod_ep", "ep") with the flattened "dp" dim registered for the dense FSDP wrapping."""
+    mesh = init_device_mesh(device_type, (dims.dp_mod_ep, dims.ep), mesh_dim_names=("dp_mod_ep", "ep"))
+    mesh["dp_mod_ep", "ep"]._flatten("dp")
+    return mesh
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; (rank, world). One process: (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get(
+            "CHOGORI_PG_TIMEOUT_MIN", "30"))))
+    return dist.get_rank(), dist.get_world_size()
