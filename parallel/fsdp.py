@@ -70,7 +70,9 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype
             placement = Shard(0) if n_local >= dp_mod_ep.size() else Shard(1)
             fully_shard(experts, mesh=dp_mod_ep, mp_policy=mp, shard_placement_fn=lambda p, s=placement: s)
             experts.set_gradient_divide_factor(float(dp_mesh.size()))
-            if dist.get_backend(dp_mod_ep.get_group()) == "gloo":  # gloo has no PREMUL_SUM: scale separately
+            # Gloo has no PREMUL_SUM, so scale outside the collective. Only when a reduce-scatter really
+            # runs: on a 1-rank mesh FSDP already divides in its copy path, and forcing sum would divide twice.
+            if dp_mod_ep.size() > 1 and dist.get_backend(dp_mod_ep.get_group()) == "gloo":
                 experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
