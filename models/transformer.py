@@ -84,19 +84,37 @@ class Transformer(nn.Module):
 
     # --- initialisation -------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, seed: int | torch.Generator | None = None, *,
+                     generator: torch.Generator | None = None) -> None:
         """Init scheme (DeepSeek-V3 paper, sec. 4.2): every matrix — embeddings, attention and FFN
         projections, stacked experts, router, LM head — ~ N(0, initializer_range=0.006); norm weights 1;
         biases and the router correction bias 0. Also rebuilds the non-persistent buffers (rotary
-        frequencies, statistics), which `to_empty` leaves uninitialised after meta construction."""
+        frequencies, statistics), which `to_empty` leaves uninitialised after meta construction.
+
+        The random values come from `models.init.init_normal_`: a pure function of (seed, parameter name
+        in the unwrapped model, global element index). Parameters may be plain tensors or DTensors
+        (FSDP2, expert parallelism): each rank fills only its shard, with exactly the values the same
+        rows have in a single-process init, so the weights do not depend on the world size or on the
+        wrappers (activation checkpointing, torch.compile) applied to the model.
+
+        `seed`: the run's seed. `generator` (kept for old callers) stands for `generator.initial_seed()`.
+        With neither, a seed is drawn from torch's global RNG, so `torch.manual_seed(s); Transformer(cfg)`
+        stays reproducible."""
+        from models.init import canonical_name, fill_, init_normal_
+
+        if isinstance(seed, torch.Generator):  # old positional call: init_weights(generator)
+            seed, generator = None, seed
+        if seed is None:
+            seed = generator.initial_seed() if generator is not None else int(torch.randint(2**62, (1,)))
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
+            name = canonical_name(name)
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                nn.init.ones_(p)
+                fill_(p, 1.0)
             elif p.dim() == 1:
-                nn.init.zeros_(p)
+                fill_(p, 0.0)
             else:
-                nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+                init_normal_(p, name, seed, std)
         self.rotary.reset_parameters()
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()

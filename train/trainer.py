@@ -49,8 +49,7 @@ def build_model(cfg: ExperimentConfig, device: torch.device) -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    model.init_weights(generator=gen)
+    model.init_weights(seed=cfg.train.seed)  # the same weights on any number of ranks
     return model
 
 
