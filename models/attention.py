@@ -9,6 +9,10 @@ from torch import nn
 from models.config import ModelConfig
 from models.layers import RMSNorm, apply_rope
 
+# The latent norms use a fixed eps in DeepSeek's reference code and in transformers, whatever
+# `rms_norm_eps` says; matching it keeps logits identical for configs with another rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
 
 class MLAttention(nn.Module):
     """MLA: queries (optionally through a low-rank `q_lora_rank` bottleneck) and a shared compressed KV
@@ -29,12 +33,12 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(cfg.hidden_size, h * d_qk, bias=False)
         else:
             self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * d_qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias
         )
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = cfg.softmax_scale()

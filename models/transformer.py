@@ -106,6 +106,8 @@ class Transformer(nn.Module):
             seed, generator = None, seed
         if seed is None:
             seed = generator.initial_seed() if generator is not None else int(torch.randint(2**62, (1,)))
+        if self.cfg.tie_word_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight  # `to_empty` after meta construction unties them
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
             name = canonical_name(name)

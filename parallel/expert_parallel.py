@@ -62,7 +62,9 @@ class _Dispatcher:
     def __init__(self, group: dist.ProcessGroup, ep: int) -> None:
         self.group, self.ep = group, ep
         self.plan: list[tuple[list[int], list[int], torch.Tensor]] = []
-        self.bytes_sent = 0  # rows * row bytes sent by this rank, both directions (for benchmarks)
+        # Bytes of token rows this rank's forward dispatch + combine calls exchanged (benchmarks). A forward
+        # re-run by activation checkpointing counts again; backward's all-to-alls are not counted.
+        self.bytes_sent = 0
 
     def dispatch(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         x, counts = args
@@ -101,5 +103,5 @@ def apply_expert_parallel(model: Transformer, ep_mesh: DeviceMesh) -> None:
 
 def dispatch_bytes(model: nn.Module) -> int:
     """Bytes this rank sent through all MoE all-to-alls since the model was parallelized."""
-    return sum(getattr(m, "_ep_dispatcher").bytes_sent for m in model.modules()
+    return sum(m._ep_dispatcher.bytes_sent for m in model.modules()
                if hasattr(m, "_ep_dispatcher"))

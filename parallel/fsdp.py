@@ -26,6 +26,20 @@ _SAVE_OPS = {
 }
 if hasattr(torch.ops.aten, "_grouped_mm"):
     _SAVE_OPS.add(torch.ops.aten._grouped_mm.default)
+if hasattr(torch.ops, "_c10d_functional"):  # never send the tokens twice: keep the all-to-all's result
+    _SAVE_OPS.add(torch.ops._c10d_functional.all_to_all_single.default)
+
+
+def _ignore_profiler_ops_in_sac() -> None:
+    """FSDP2's hooks annotate with profiler `record_function` ops, and the experts' FSDP hooks run a
+    different number of times in the forward and in SAC's recompute, which SAC reports as a mismatch.
+    Annotations are not tensor computation; later PyTorch releases make SAC ignore them, as done here."""
+    from torch.utils import checkpoint as ckpt
+
+    for name in ("_record_function_enter", "_record_function_enter_new", "_record_function_exit"):
+        packet = getattr(torch.ops.profiler, name, None)
+        for overload in (packet.overloads() if packet is not None else []):
+            ckpt.SAC_IGNORED_OPS.add(getattr(packet, overload))
 
 
 def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
@@ -40,6 +54,8 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
         return
     if mode not in ("selective", "full"):
         raise ValueError(f"parallel.activation_checkpointing must be none|selective|full, got '{mode}'")
+    if mode == "selective":
+        _ignore_profiler_ops_in_sac()
     for name, block in list(model.layers.items()):
         if mode == "full":
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)

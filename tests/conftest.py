@@ -1,0 +1,40 @@
+"""Shared pytest fixtures (keep this file small: only fixtures several test files use)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from models import ModelConfig
+
+# A DeepSeek-V3-shaped network small enough for CPU tests: MLA with q_lora, 1 dense + 2 MoE layers,
+# 8 routed experts (2 per token), 1 shared expert.
+TINY_MODEL = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, first_k_dense_replace=1,
+    num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+    v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+    n_group=1, topk_group=1, rope_theta=10000.0, max_position_embeddings=256, initializer_range=0.1,
+)
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., ModelConfig]:
+    """Factory: `tiny_config(**overrides)` -> a small, valid ModelConfig."""
+
+    def make(**overrides) -> ModelConfig:
+        return ModelConfig(**{**TINY_MODEL, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Run a module's tests with one intra-op thread (restored afterwards): for tiny tensors extra threads
+    only add overhead, and they spin badly when the CPU is shared. Use with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,885 @@
+"""Unit behaviour of models/: config validation, RMSNorm, RoPE/YaRN, router, MoE, balance loss, bias update,
+max-logit tracking, meta-device construction, SDPA vs eager, causality.
+
+References are written independently here (mostly float64 python loops) rather than reusing the code under
+test. Equivalence with `transformers` lives in test_hf.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import ConfigError, ModelConfig, Transformer
+from models.attention import MLAttention
+from models.layers import RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq
+from models.moe import MoE, Router, grouped_matmul, permute, sequence_balance_loss, unpermute
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add overhead
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Every matrix ~ N(0, std), every norm weight ~ 1 + N(0, 0.1): nothing trivially uniform."""
+    g = gen(seed)
+    for name, p in module.named_parameters():
+        if name.endswith("norm.weight") or (name == "weight" and p.dim() == 1):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def moe_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                first_k_dense_replace=0, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=8,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
+                num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                routed_scaling_factor=2.5)
+    return ModelConfig(**{**base, **overrides})
+
+
+# =============================================================================================== config
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_routed_experts=9, n_group=2, topk_group=1), "n_group"),
+        (dict(n_group=2, topk_group=3), "topk_group"),
+        (dict(n_group=2, topk_group=0), "topk_group"),
+        (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+        (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(n_group=4, topk_group=1, num_experts_per_tok=3), "num_experts_per_tok"),  # 1 group = 2 experts
+        (dict(n_group=8, topk_group=2), "n_group"),  # groups of a single expert
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0, "original_max_position_embeddings": 16}),
+         "rope_scaling"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_position_embeddings"),
+        (dict(num_key_value_heads=2), "num_key_value_heads"),
+        (dict(q_lora_rank=0), "q_lora_rank"),
+        (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(attn_impl="flash"), "attn_impl"),
+        (dict(scoring_func="softmax"), "scoring_func"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(n_shared_experts=-1), "n_shared_experts"),
+    ],
+)
+def test_config_rejects_bad_field(tiny_config, overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        tiny_config(**overrides)
+
+
+def test_config_validation_also_runs_on_replace(tiny_config):
+    cfg = tiny_config()
+    with pytest.raises(ConfigError, match="topk_group"):
+        cfg.replace(n_group=2, topk_group=3)
+
+
+def test_config_moe_checks_skipped_without_moe_layers(tiny_config):
+    # All layers dense: the (otherwise invalid) expert-group settings are irrelevant and accepted.
+    cfg = tiny_config(first_k_dense_replace=3, n_routed_experts=9, n_group=2)
+    assert cfg.num_moe_layers == 0 and not any(cfg.is_moe_layer(i) for i in range(3))
+
+
+def test_config_from_dict_unknown_key_names_closest(tiny_config):
+    d = tiny_config().to_dict()
+    d["n_routed_expert"] = d.pop("n_routed_experts")
+    with pytest.raises(ConfigError, match="did you mean 'n_routed_experts'"):
+        ModelConfig.from_dict(d)
+    d.pop("n_routed_expert")
+    with pytest.raises(ConfigError, match="unknown key 'qqq'"):
+        ModelConfig.from_dict({**d, "qqq": 1})
+    assert ModelConfig.from_dict({**d, "qqq": 1}, ignore_unknown=True).n_routed_experts == 384  # default
+
+
+def test_config_dict_round_trip(tiny_config):
+    cfg = tiny_config(rope_scaling=YARN, capacity_factor=1.25)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.qk_head_dim == 16 and cfg.num_moe_layers == 2
+
+
+def test_softmax_scale_yarn_mscale(tiny_config):
+    plain = tiny_config()
+    assert plain.softmax_scale() == pytest.approx(16**-0.5, rel=1e-12)
+    cfg = tiny_config(rope_scaling=YARN)
+    m = 0.1 * 0.8 * math.log(4.0) + 1.0
+    assert cfg.softmax_scale() == pytest.approx(16**-0.5 * m * m, rel=1e-12)
+    # no mscale_all_dim, or factor <= 1: no correction
+    assert tiny_config(rope_scaling={**YARN, "mscale_all_dim": 0}).softmax_scale() == pytest.approx(16**-0.5)
+    assert tiny_config(rope_scaling={**YARN, "factor": 1.0}).softmax_scale() == pytest.approx(16**-0.5)
+
+
+# ============================================================================================== RMSNorm
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_rmsnorm_matches_float64_reference(dtype, tol):
+    g = gen(0)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(48, generator=g))
+    norm.to(dtype)
+    x = (3 * torch.randn(4, 7, 48, generator=g)).to(dtype)
+    x64, w64 = x.double(), norm.weight.detach().double()
+    ref = w64 * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out = norm(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    # eps matters for small inputs; zero input stays zero
+    small = torch.full((1, 48), 1e-3, dtype=dtype)
+    torch.testing.assert_close(norm(small).double(), w64 * small.double() / math.sqrt(1e-6 + 1e-5),
+                               rtol=tol, atol=0)
+    assert torch.equal(norm(torch.zeros(2, 48, dtype=dtype)), torch.zeros(2, 48, dtype=dtype))
+
+
+# ================================================================================================= RoPE
+def _rope_cfg(**kw) -> ModelConfig:
+    return moe_config(qk_rope_head_dim=16, **kw)
+
+
+def test_apply_rope_matches_complex_rotation_of_interleaved_pairs():
+    """DeepSeek rotates pairs (x0, x1), (x2, x3)...: x_pair * e^{i theta}; apply_rope writes the rotated
+    pairs de-interleaved (real parts, then imaginary parts)."""
+    cfg = _rope_cfg()
+    rotary = RotaryEmbedding(cfg)
+    pos = torch.arange(20)
+    cos, sin = rotary(pos, torch.float64)
+    x = torch.randn(2, 3, 20, 16, generator=gen(1), dtype=torch.float64)
+    ang = pos[:, None].double() * rope_inv_freq(cfg)[0].double()
+    z = torch.view_as_complex(x.reshape(2, 3, 20, 8, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang)
+    ref = torch.cat([z.real, z.imag], dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_apply_rope_preserves_norm_and_is_relative():
+    cfg = _rope_cfg()
+    rotary = RotaryEmbedding(cfg)
+    assert rotary.attention_factor == 1.0
+    g = gen(2)
+    x = torch.randn(1, 2, 64, 16, generator=g, dtype=torch.float64)
+    cos, sin = rotary(torch.arange(64), torch.float64)
+    torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1), rtol=1e-6, atol=0)
+
+    q = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+
+    def dot(m: int, n: int) -> float:
+        cm, sm = rotary(torch.tensor([m]), torch.float64)
+        cn, sn = rotary(torch.tensor([n]), torch.float64)
+        return float((apply_rope(q, cm, sm) * apply_rope(k, cn, sn)).sum())
+
+    for delta in (0, 1, 5, 17):
+        values = [dot(m + delta, m) for m in (0, 3, 40, 200)]
+        assert max(values) - min(values) < 1e-4, (delta, values)
+    assert abs(dot(5, 0) - dot(0, 0)) > 1e-3  # and it does depend on the distance
+
+
+def test_apply_rope_batched_positions():
+    """cos/sin of shape [B, S, d/2] (per-sequence positions) broadcast over heads like [S, d/2]."""
+    cfg = _rope_cfg(rope_scaling=YARN)
+    rotary = RotaryEmbedding(cfg)
+    x = torch.randn(2, 3, 10, 16, generator=gen(3))
+    positions = torch.stack([torch.arange(10), torch.arange(10) + 7])
+    cos, sin = rotary(positions, torch.float32)
+    out = apply_rope(x, cos, sin)
+    for b in range(2):
+        cb, sb = rotary(positions[b], torch.float32)
+        torch.testing.assert_close(out[b:b + 1], apply_rope(x[b:b + 1], cb, sb), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        None,
+        {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},  # Kimi K2
+        {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},  # DeepSeek-V3
+        {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "mscale": 0.9,
+         "mscale_all_dim": 0.7},
+        {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16,
+         "beta_slow": 2, "truncate": False},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.3},
+    ],
+    ids=["plain", "k2", "dsv3", "mscale", "no-truncate", "attention-factor"],
+)
+@pytest.mark.parametrize("rope_dim", [16, 64])
+def test_rope_inv_freq_matches_transformers(rope_scaling, rope_dim):
+    pytest.importorskip("transformers")
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.hf import to_hf_config
+
+    max_pos = 4096
+    if rope_scaling:
+        max_pos = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
+    cfg = _rope_cfg(rope_scaling=rope_scaling, rope_theta=50000.0, max_position_embeddings=max_pos).replace(
+        qk_rope_head_dim=rope_dim)
+    hf_cfg = DeepseekV3Config(**to_hf_config(cfg, torch.float32))
+    if rope_scaling is None:
+        ref = 1.0 / (50000.0 ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
+        ref_factor = 1.0
+    else:
+        ref, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+    inv_freq, factor = rope_inv_freq(cfg)
+    assert inv_freq.dtype == torch.float32 and inv_freq.shape == (rope_dim // 2,)
+    torch.testing.assert_close(inv_freq.double(), ref.double(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(ref_factor, rel=1e-9)
+    if rope_scaling is not None:  # YaRN really interpolates the low frequencies
+        plain = rope_inv_freq(cfg.replace(rope_scaling=None))[0]
+        assert inv_freq[-1] == pytest.approx(plain[-1] / rope_scaling["factor"], rel=1e-5)
+        assert inv_freq[0] == pytest.approx(plain[0], rel=1e-6)
+
+
+# =============================================================================================== router
+def _hand_router(**overrides) -> tuple[Router, Callable[[list[float]], torch.Tensor]]:
+    """Router with hidden == E and weight = I, so the scores are sigmoid(x): we choose them directly."""
+    cfg = moe_config(hidden_size=8, n_routed_experts=8, **overrides)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(8))
+
+    def x_for(scores: list[float]) -> torch.Tensor:
+        return torch.logit(torch.tensor([scores], dtype=torch.float64)).float()
+
+    return router, x_for
+
+
+def test_router_group_limited_topk_by_hand():
+    router, x_for = _hand_router(n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.0)
+    #               group 0      group 1      group 2       group 3
+    scores = [0.95, 0.10, 0.62, 0.60, 0.90, 0.05, 0.50, 0.52]
+    # group scores (sum of top-2): 1.05, 1.22, 0.95, 1.02 -> groups 1 and 0 are kept.
+    # Unrestricted top-3 would be {0, 4, 2}; expert 4 lies in dropped group 2.
+    s, idx, w = router(x_for(scores))
+    assert sorted(idx[0].tolist()) == [0, 2, 3]
+    torch.testing.assert_close(s[0], torch.tensor(scores), rtol=1e-6, atol=1e-6)
+    chosen = torch.tensor([scores[i] for i in idx[0].tolist()])
+    torch.testing.assert_close(w[0], 2.0 * chosen / chosen.sum(), rtol=1e-6, atol=1e-7)
+    assert w.sum().item() == pytest.approx(2.0, rel=1e-6)
+
+    # The bias enters the group choice too: lift group 2 above group 0.
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(torch.tensor([0, 0, 0, 0, 0.2, 0, 0, 0]))
+    _, idx, w = router(x_for(scores))
+    assert sorted(idx[0].tolist()) == [2, 3, 4]  # groups 1 (1.22) and 2 (1.15) now
+    chosen = torch.tensor([scores[i] for i in idx[0].tolist()])  # weights from the *unbiased* scores
+    torch.testing.assert_close(w[0], 2.0 * chosen / chosen.sum(), rtol=1e-6, atol=1e-7)
+
+
+def test_router_bias_changes_selection_not_weights():
+    router, x_for = _hand_router(num_experts_per_tok=2, routed_scaling_factor=1.5, norm_topk_prob=False)
+    scores = [0.9, 0.8, 0.1, 0.2, 0.3, 0.15, 0.25, 0.05]
+    _, idx, w = router(x_for(scores))
+    assert sorted(idx[0].tolist()) == [0, 1]
+    with torch.no_grad():
+        router.e_score_correction_bias[5] = 1.0
+    s, idx, w = router(x_for(scores))
+    order = idx[0].tolist()
+    assert sorted(order) == [0, 5]
+    # not normalized: weight = routed_scaling_factor * unbiased score
+    torch.testing.assert_close(w[0], 1.5 * torch.tensor([scores[i] for i in order]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s[0], torch.tensor(scores), rtol=1e-6, atol=1e-6)  # scores are unbiased too
+
+
+def route_reference(scores: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -> list[list[int]]:
+    """Per-token python reference of DeepSeek-V3's node-limited routing."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    size = e // cfg.n_group
+    out = []
+    for row in (scores.double() + bias.double()).tolist():
+        groups = sorted(range(cfg.n_group), key=lambda gi: -sum(sorted(row[gi * size:(gi + 1) * size])[-2:]))
+        allowed = [i for gi in groups[:cfg.topk_group] for i in range(gi * size, (gi + 1) * size)]
+        out.append(sorted(sorted(allowed, key=lambda i: -row[i])[:k]))
+    return out
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_router_random_matches_reference(norm_topk_prob):
+    cfg = moe_config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, hidden_size=32,
+                     norm_topk_prob=norm_topk_prob)
+    router = Router(cfg)
+    g = gen(4)
+    with torch.no_grad():
+        router.weight.copy_(0.3 * torch.randn(16, 32, generator=g))
+        router.e_score_correction_bias.copy_(0.1 * torch.randn(16, generator=g))
+    x = torch.randn(200, 32, generator=g)
+    s, idx, w = router(x)
+    assert s.dtype == torch.float32 and w.dtype == torch.float32
+    ref_scores = torch.sigmoid(x.double() @ router.weight.detach().double().T)
+    torch.testing.assert_close(s.double(), ref_scores, rtol=1e-5, atol=1e-6)
+    assert [sorted(r) for r in idx.tolist()] == route_reference(s, router.e_score_correction_bias, cfg)
+    # bias really matters in this case (so the check above covers bias-affected routing)
+    assert route_reference(s, torch.zeros(16), cfg) != route_reference(s, router.e_score_correction_bias, cfg)
+    gathered = ref_scores.gather(1, idx)
+    expect = gathered / gathered.sum(-1, keepdim=True) if norm_topk_prob else gathered
+    torch.testing.assert_close(w.double(), cfg.routed_scaling_factor * expect, rtol=1e-5, atol=1e-6)
+    # gradients reach the router weight only through the gating weights, never through the bias buffer
+    w.sum().backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    assert not router.e_score_correction_bias.requires_grad
+
+
+def test_router_bf16_input_scores_in_fp32():
+    cfg = moe_config()
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.2, generator=gen(5))
+    x = torch.randn(10, 32, generator=gen(6))
+    s32, i32, w32 = router(x)
+    s16, i16, w16 = router(x.bfloat16())
+    assert s16.dtype == torch.float32 and w16.dtype == torch.float32
+    torch.testing.assert_close(s16, s32, rtol=2e-2, atol=2e-2)
+
+
+# ================================================================================================== MoE
+def moe_reference(params: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig,
+                  capacity: int | None = None) -> torch.Tensor:
+    """Naive per-token MoE (routing + experts + shared expert), differentiable in `params` and `x`.
+    Router and gating weights are fp32 whatever the input dtype, as in DeepSeek-V3 and transformers."""
+    scores = torch.sigmoid(F.linear(x.float(), params["gate.weight"].float()))
+    chosen = route_reference(scores.detach(), bias, cfg)
+    used = [0] * cfg.n_routed_experts
+    rows = []
+    for t, experts in enumerate(chosen):
+        w = scores[t, experts]
+        if cfg.norm_topk_prob:
+            w = w / w.sum()
+        w = (w * cfg.routed_scaling_factor).to(x.dtype)
+        y = x.new_zeros(x.shape[1])
+        for j, e in enumerate(experts):
+            used[e] += 1
+            if capacity is not None and used[e] > capacity:
+                continue  # dropped: token order decides, the first `capacity` copies are kept
+            h = F.silu(params["experts.gate_proj"][e] @ x[t]) * (params["experts.up_proj"][e] @ x[t])
+            y = y + w[j] * (params["experts.down_proj"][e] @ h)
+        if cfg.n_shared_experts:
+            sx = F.silu(params["shared_experts.gate_proj.weight"] @ x[t]) * (
+                params["shared_experts.up_proj.weight"] @ x[t])
+            y = y + params["shared_experts.down_proj.weight"] @ sx
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def make_moe(cfg: ModelConfig, seed: int = 0, bias_std: float = 0.05) -> MoE:
+    moe = MoE(cfg)
+    randomize_(moe, seed)
+    with torch.no_grad():
+        bias = bias_std * torch.randn(cfg.n_routed_experts, generator=gen(seed + 1))
+        moe.gate.e_score_correction_bias.copy_(bias)
+    return moe
+
+
+def _check_moe_against_reference(moe: MoE, x: torch.Tensor, rtol: float, atol: float, capacity=None,
+                                 router_rtol: float = 2e-5) -> None:
+    """Output and gradients vs the naive loop; `router_rtol` for the gradients that flow through the
+    fp32 router (the router weight and the input)."""
+    cfg = moe.cfg
+    x = x.clone().requires_grad_()
+    y, aux = moe(x)
+    g = torch.randn(y.shape, generator=gen(99), dtype=y.dtype)
+    (y * g).sum().backward()
+
+    params = {n: p.detach().double().clone().requires_grad_() for n, p in moe.named_parameters()}
+    x64 = x.detach().double().clone().requires_grad_()
+    ref = moe_reference(params, x64.view(-1, x.shape[-1]), moe.gate.e_score_correction_bias, cfg, capacity)
+    (ref.view(y.shape) * g.double()).sum().backward()
+
+    ref = ref.view(y.shape).detach()
+    assert (y.double() - ref).abs().max().item() <= rtol * ref.abs().max().item() + atol
+    grads = {n: (p.grad, params[n].grad) for n, p in moe.named_parameters()}
+    grads["input"] = (x.grad, x64.grad)
+    for n, (ours, ref) in grads.items():
+        tol = router_rtol if n in ("input", "gate.weight") else rtol
+        scale = ref.abs().max().item()
+        assert (ours.double() - ref).abs().max().item() <= tol * scale + atol, n
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(n_group=4, topk_group=2, num_experts_per_tok=3),
+     dict(norm_topk_prob=False, n_shared_experts=2), dict(n_shared_experts=0)],
+    ids=["plain", "groups", "unnormalized-2shared", "no-shared"],
+)
+def test_moe_grouped_path_matches_naive_loop_float64(overrides):
+    # Everything but the fp32 gating weights is float64; their fp32 rounding (e.g. the order of the
+    # normalizing sum) bounds the agreement at ~1e-7 relative.
+    moe = make_moe(moe_config(**overrides)).double()
+    x = torch.randn(2, 16, 32, generator=gen(7), dtype=torch.float64)
+    _check_moe_against_reference(moe, x, rtol=1e-6, atol=1e-9)
+
+
+def test_moe_float32_grouped_gemm_matches_float64_reference():
+    """fp32 on CPU runs torch._grouped_mm (when available): same math as the loop, to fp32 accuracy."""
+    moe = make_moe(moe_config(n_group=2, topk_group=1))
+    x = torch.randn(2, 16, 32, generator=gen(8))
+    _check_moe_against_reference(moe, x, rtol=2e-5, atol=2e-6)
+
+
+def test_moe_unaligned_sizes_work():
+    """Sizes the grouped-GEMM kernel rejects (rows not 16-byte aligned) fall back to the loop."""
+    moe = make_moe(moe_config(hidden_size=36, moe_intermediate_size=10, num_attention_heads=2))
+    x = torch.randn(2, 8, 36, generator=gen(9))
+    _check_moe_against_reference(moe, x, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grouped_matmul_with_empty_groups(dtype):
+    g = gen(10)
+    x = torch.randn(7, 16, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(4, 32, 16, generator=g).to(dtype).requires_grad_()
+    counts = torch.tensor([3, 0, 4, 0])
+    y = grouped_matmul(x, w, counts)
+    y.float().square().sum().backward()
+    ref = torch.cat([x[:3].double() @ w[0].double().T, x[3:].double() @ w[2].double().T])
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    assert torch.all(w.grad[1] == 0) and torch.all(w.grad[3] == 0) and w.grad[0].abs().sum() > 0
+
+
+def test_permute_unpermute_round_trip():
+    topk_idx = torch.tensor([[2, 0], [0, 1], [2, 1], [0, 2]])
+    weight = torch.arange(8, dtype=torch.float32).view(4, 2) + 1
+    d = permute(topk_idx, weight, num_experts=4)
+    assert d.counts.tolist() == [3, 2, 3, 0] and d.dropped == 0
+    assert d.token_idx.tolist() == [0, 1, 3, 1, 2, 0, 2, 3]  # stable: token order inside each expert
+    assert d.weight.tolist() == [2, 3, 7, 4, 6, 1, 5, 8]
+    y = torch.ones(8, 3)
+    out = unpermute(y, d, num_tokens=4)
+    torch.testing.assert_close(out, weight.sum(-1, keepdim=True).expand(4, 3))
+
+    d = permute(topk_idx, weight, num_experts=4, capacity=2)
+    assert d.counts.tolist() == [2, 2, 2, 0] and d.dropped == 2
+    assert d.token_idx.tolist() == [0, 1, 1, 2, 0, 2]  # expert 0 drops token 3, expert 2 drops token 3
+
+
+def _skewed_moe(capacity_factor) -> MoE:
+    # A huge bias on experts 0 and 1: every token picks exactly them (extreme imbalance).
+    moe = make_moe(moe_config(capacity_factor=capacity_factor), seed=11)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0]))
+    return moe
+
+
+def test_moe_capacity_drops_deterministically():
+    moe = _skewed_moe(capacity_factor=1.0).double()
+    x = torch.randn(2, 12, 32, generator=gen(12), dtype=torch.float64)
+    tokens, k, e = 24, 2, 8
+    capacity = math.ceil(1.0 * tokens * k / e)  # 6 per expert; experts 0 and 1 each get 24 copies
+    moe.train()
+    y1, _ = moe(x)
+    assert moe.dropped_tokens.item() == 2 * (tokens - capacity)
+    assert moe.expert_load.tolist() == [capacity, capacity, 0, 0, 0, 0, 0, 0]
+    y2, _ = moe(x)
+    assert torch.equal(y1, y2)
+    assert moe.dropped_tokens.item() == 4 * (tokens - capacity)  # accumulates over forwards
+    moe.eval()
+    _check_moe_against_reference(moe, x, rtol=1e-6, atol=1e-9, capacity=capacity)
+    moe.reset_stats()
+    assert moe.dropped_tokens.item() == 0 and moe.expert_load.sum().item() == 0
+
+
+def test_moe_dropless_under_extreme_imbalance():
+    moe = _skewed_moe(capacity_factor=None).double().train()
+    x = torch.randn(2, 12, 32, generator=gen(13), dtype=torch.float64)
+    moe(x)
+    assert moe.dropped_tokens.item() == 0
+    assert moe.expert_load.tolist() == [24, 24, 0, 0, 0, 0, 0, 0]
+    moe.eval()
+    _check_moe_against_reference(moe, x, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moe_expert_with_zero_tokens(dtype):
+    moe = make_moe(moe_config(), seed=14).to(dtype)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias[3] = -10.0  # nobody picks expert 3
+        moe.gate.e_score_correction_bias[6] = -10.0  # nor expert 6
+    x = torch.randn(2, 10, 32, generator=gen(15), dtype=dtype)
+    _, idx, _ = moe.gate(x.view(-1, 32))
+    assert not (idx == 3).any() and not (idx == 6).any()
+    y, _ = moe(x)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        grad = getattr(moe.experts, name).grad
+        assert torch.isfinite(grad).all()
+        assert torch.all(grad[3] == 0) and torch.all(grad[6] == 0)
+        assert all(grad[e].abs().sum() > 0 for e in set(idx.flatten().tolist()))
+
+
+# ========================================================================================= balance loss
+def balance_loss_reference(scores: torch.Tensor, chosen: list[list[int]], batch: int, k: int) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20 per sequence, averaged over the sequences (float64)."""
+    scores = scores.double()
+    tokens, e = scores.shape
+    seq = tokens // batch
+    total = scores.new_zeros(())
+    for b in range(batch):
+        count = [0] * e
+        for t in range(b * seq, (b + 1) * seq):
+            for i in chosen[t]:
+                count[i] += 1
+        f = torch.tensor([e / (k * seq) * c for c in count], dtype=torch.float64)
+        s = scores[b * seq:(b + 1) * seq]
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        total = total + (f * p).sum()
+    return total / batch
+
+
+def test_balance_loss_matches_paper_formula():
+    cfg = moe_config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, aux_loss_alpha=0.01)
+    moe = make_moe(cfg, seed=16).train()
+    x = torch.randn(3, 10, 32, generator=gen(17))
+    _, aux = moe(x)
+    scores64 = torch.sigmoid(x.view(-1, 32).double() @ moe.gate.weight.detach().double().T)
+    chosen = route_reference(scores64, moe.gate.e_score_correction_bias, cfg)
+    ref = 0.01 * balance_loss_reference(scores64, chosen, batch=3, k=4)
+    assert aux.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert aux.item() > 0
+
+    # the standalone function agrees too (without alpha)
+    s, idx, _ = moe.gate(x.view(-1, 32))
+    assert sequence_balance_loss(s, idx, 3, 4).item() == pytest.approx(ref.item() / 0.01, rel=1e-5)
+
+    # perfectly balanced routing and uniform scores give exactly 1
+    e, k, seq = 4, 2, 4
+    uniform = torch.full((seq, e), 0.5)
+    idx = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
+    assert sequence_balance_loss(uniform, idx, 1, k).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_balance_loss_zero_in_eval_and_has_router_gradient():
+    cfg = moe_config(aux_loss_alpha=0.01)
+    moe = make_moe(cfg, seed=18)
+    x = torch.randn(2, 8, 32, generator=gen(19))
+    moe.eval()
+    _, aux = moe(x)
+    assert aux.item() == 0.0
+    moe.train()
+    _, aux = moe(x)
+    aux.backward()
+    grad = moe.gate.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # and it is the gradient of the paper's formula with the selection held fixed
+    w64 = moe.gate.weight.detach().double().requires_grad_()
+    scores64 = torch.sigmoid(x.view(-1, 32).double() @ w64.T)
+    chosen = route_reference(scores64.detach(), moe.gate.e_score_correction_bias, cfg)
+    (0.01 * balance_loss_reference(scores64, chosen, 2, cfg.num_experts_per_tok)).backward()
+    torch.testing.assert_close(grad.double(), w64.grad, rtol=1e-4, atol=1e-9)
+    # no balance loss with alpha = 0
+    moe0 = make_moe(moe_config(aux_loss_alpha=0.0), seed=18).train()
+    assert moe0(x)[1].item() == 0.0
+
+
+def test_transformer_balance_loss_sums_layers(tiny_config):
+    cfg = tiny_config(aux_loss_alpha=0.01)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=gen(20))
+    per_layer = []
+    hooks = [moe.register_forward_hook(lambda m, i, o: per_layer.append(o[1].detach()))
+             for moe in model.moe_layers()]
+    model.train()
+    out = model(ids)
+    for h in hooks:
+        h.remove()
+    assert len(per_layer) == 2 and all(a > 0 for a in per_layer)
+    assert out.balance_loss.item() == pytest.approx(sum(a.item() for a in per_layer), rel=1e-6)
+    model.eval()
+    assert model(ids).balance_loss.item() == 0.0
+
+
+# =========================================================================================== bias update
+def test_update_bias_moves_by_exactly_gamma():
+    cfg = moe_config(n_routed_experts=4, num_experts_per_tok=2, bias_update_speed=1e-3)
+    moe = make_moe(cfg, bias_std=0.0)
+    moe.update_bias(torch.tensor([5.0, 1.0, 3.0, 3.0]))  # mean 3
+    assert torch.equal(moe.gate.e_score_correction_bias, torch.tensor([-1e-3, 1e-3, 0.0, 0.0]))
+    before = moe.gate.e_score_correction_bias.clone()
+    moe.update_bias(torch.tensor([0.0, 10.0, 2.0, 4.0]), speed=0.5)  # mean 4: under, over, under, equal
+    torch.testing.assert_close(moe.gate.e_score_correction_bias - before, torch.tensor([0.5, -0.5, 0.5, 0.0]),
+                               rtol=0, atol=1e-7)
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_expert_load_accumulates_in_train_only_and_resets():
+    cfg = moe_config(bias_update_speed=0.01)
+    moe = make_moe(cfg, seed=21)
+    x = torch.randn(2, 8, 32, generator=gen(22))
+    moe.eval()
+    moe(x)
+    assert moe.expert_load.sum().item() == 0
+    moe.train()
+    moe(x)
+    _, idx, _ = moe.gate(x.view(-1, 32))
+    counts = torch.bincount(idx.flatten(), minlength=8).float()
+    assert torch.equal(moe.expert_load, counts) and counts.sum().item() == 16 * 2
+    moe(x)
+    assert torch.equal(moe.expert_load, 2 * counts)
+    bias0 = moe.gate.e_score_correction_bias.clone()
+    moe.update_bias()  # uses its own accumulated load
+    expected = 0.01 * torch.sign(2 * counts.mean() - 2 * counts)
+    torch.testing.assert_close(moe.gate.e_score_correction_bias - bias0, expected, rtol=0, atol=1e-7)
+    assert moe.expert_load.sum().item() == 0
+
+
+def test_transformer_update_router_biases_uses_reduced_load(tiny_config):
+    cfg = tiny_config(bias_update_speed=1e-2)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    model(torch.randint(0, cfg.vocab_size, (2, 8), generator=gen(23)))
+    local = {i: m.expert_load.clone() for i, m in zip((1, 2), model.moe_layers(), strict=True)}
+    assert all(v.sum() == 16 * 2 for v in local.values())
+    global_load = torch.tensor([0.0, 9.0, 3.0, 3.0, 3.0, 1.0, 5.0, 0.0])  # mean 3
+    seen = []
+
+    def reduce(load: torch.Tensor) -> torch.Tensor:
+        seen.append(load.clone())
+        return load * 0 + global_load  # pretend the other ranks made the global load this
+
+    loads = model.update_router_biases(reduce)
+    assert sorted(loads) == [1, 2] and all(torch.equal(v, global_load) for v in loads.values())
+    assert [torch.equal(s, local[i]) for s, i in zip(seen, (1, 2), strict=True)] == [True, True]
+    expected = 1e-2 * torch.tensor([1.0, -1, 0, 0, 0, 1, -1, 1])
+    for moe in model.moe_layers():
+        torch.testing.assert_close(moe.gate.e_score_correction_bias, expected, rtol=0, atol=1e-8)
+        assert moe.expert_load.sum().item() == 0
+
+
+# ============================================================================================ max logit
+def mla_reference(attn: MLAttention, x: torch.Tensor, positions: torch.Tensor,
+                  causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 MLA written from the paper, with DeepSeek's interleaved (complex) RoPE layout.
+    Returns (output, scores [B, H, S, S] with the future masked to -inf when `causal`)."""
+    cfg = attn.cfg
+    w = {n: p.detach().double() for n, p in attn.named_parameters()}
+    b, s, _ = x.shape
+    h, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    x = x.double()
+
+    def rms(v, weight):
+        return weight * v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    q = x @ w["q_proj.weight"].T if cfg.q_lora_rank is None else (
+        rms(x @ w["q_a_proj.weight"].T, w["q_a_layernorm.weight"]) @ w["q_b_proj.weight"].T)
+    q = q.view(b, s, h, dn + dr)
+    latent, k_rope = (x @ w["kv_a_proj_with_mqa.weight"].T).split([cfg.kv_lora_rank, dr], -1)
+    kv = (rms(latent, w["kv_a_layernorm.weight"]) @ w["kv_b_proj.weight"].T).view(b, s, h, dn + dv)
+    inv_freq, att = rope_inv_freq(cfg)
+    ang = positions.double()[:, None] * inv_freq.double()
+    rot = torch.polar(torch.full_like(ang, att), ang)  # [S, dr/2]
+
+    def rope(t):  # [..., S, (H,) dr] interleaved pairs
+        z = torch.view_as_complex(t.reshape(*t.shape[:-1], dr // 2, 2).contiguous())
+        return torch.view_as_real(z * (rot if t.dim() == 3 else rot[:, None])).flatten(-2)
+
+    qr, kr = rope(q[..., dn:]), rope(k_rope)  # [B, S, H, dr], [B, S, dr]
+    scale = (dn + dr) ** -0.5
+    if cfg.rope_scaling and cfg.rope_scaling.get("mscale_all_dim"):
+        m = 0.1 * cfg.rope_scaling["mscale_all_dim"] * math.log(cfg.rope_scaling["factor"]) + 1.0
+        scale *= m * m
+    scores = (torch.einsum("bihd,bjhd->bhij", q[..., :dn], kv[..., :dn])
+              + torch.einsum("bihd,bjd->bhij", qr, kr)) * scale
+    if causal:
+        scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    out = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), kv[..., dn:]).reshape(b, s, h * dv)
+    return out @ w["o_proj.weight"].T, scores
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, rope_scaling=YARN)],
+                         ids=["qlora", "yarn"])
+def test_max_logit_matches_float64_recomputation(tiny_config, overrides):
+    cfg = tiny_config(**overrides)
+    attn = MLAttention(cfg)
+    randomize_(attn, seed=24, std=0.3)
+    rotary = RotaryEmbedding(cfg)
+    positions = torch.arange(24)
+    x = torch.randn(2, 24, 32, generator=gen(25))
+    assert torch.all(attn.max_logit == float("-inf"))
+    out = attn(x, rotary(positions, torch.float32))
+    ref_out, ref_scores = mla_reference(attn, x, positions)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    ref_max = ref_scores.amax(dim=(0, 2, 3))
+    assert attn.max_logit.dtype == torch.float32 and attn.max_logit.shape == (4,)
+    torch.testing.assert_close(attn.max_logit.double(), ref_max, rtol=1e-5, atol=1e-5)
+    # the causal mask matters here: over all pairs the max would be larger for some head
+    unmasked = mla_reference(attn, x, positions, causal=False)[1].amax(dim=(0, 2, 3))
+    assert (unmasked - ref_max).max() > 1e-3
+
+    # running max over two forwards, then reset
+    x2 = 2.0 * torch.randn(2, 24, 32, generator=gen(26))
+    attn(x2, rotary(positions, torch.float32))
+    ref_max2 = mla_reference(attn, x2, positions)[1].amax(dim=(0, 2, 3))
+    torch.testing.assert_close(attn.max_logit.double(), torch.maximum(ref_max, ref_max2),
+                               rtol=1e-5, atol=1e-5)
+    attn.reset_max_logit()
+    assert torch.all(attn.max_logit == float("-inf"))
+    attn(x2, rotary(positions, torch.float32))
+    torch.testing.assert_close(attn.max_logit.double(), ref_max2, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_max_logits_and_reset(tiny_config):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    ids = torch.randint(0, 128, (2, 10), generator=gen(27))
+    logits = model.max_logits()
+    assert sorted(logits) == [0, 1, 2] and all(torch.all(v == float("-inf")) for v in logits.values())
+    with torch.no_grad():
+        model(ids)
+    first = {i: v.clone() for i, v in model.max_logits().items()}
+    assert all(torch.isfinite(v).all() for v in first.values())
+    model.reset_max_logits()
+    assert all(torch.all(v == float("-inf")) for v in model.max_logits().values())
+    with torch.no_grad():
+        model(ids)
+    assert all(torch.equal(first[i], v) for i, v in model.max_logits().items())
+
+
+# ============================================================================================= meta init
+def test_meta_construction_matches_eager(tiny_config):
+    cfg = tiny_config(initializer_range=0.02, rope_scaling=YARN)
+    with torch.device("meta"):
+        meta = Transformer(cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    meta.init_weights(generator=gen(28))
+    eager = Transformer(cfg)
+    assert [(n, p.shape, p.dtype) for n, p in meta.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in eager.named_parameters()]
+    assert [(n, b.shape, b.dtype) for n, b in meta.named_buffers()] == [
+        (n, b.shape, b.dtype) for n, b in eager.named_buffers()]
+
+    for name, p in meta.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if name.endswith("norm.weight"):
+            assert torch.all(p == 1), name
+    experts = meta.layers["1"].mlp.experts.gate_proj
+    assert experts.std().item() == pytest.approx(0.02, rel=0.05)
+    assert abs(experts.mean().item()) < 1e-3
+    assert meta.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    torch.testing.assert_close(meta.rotary.inv_freq, eager.rotary.inv_freq, rtol=0, atol=0)
+    assert meta.rotary.attention_factor == eager.rotary.attention_factor
+    for moe in meta.moe_layers():
+        assert torch.all(moe.gate.e_score_correction_bias == 0) and torch.all(moe.expert_load == 0)
+        assert moe.dropped_tokens.item() == 0
+    assert all(torch.all(v == float("-inf")) for v in meta.max_logits().values())
+
+    # same generator -> same weights -> same logits
+    eager.init_weights(generator=gen(28))
+    for (n, a), (_, b) in zip(meta.named_parameters(), eager.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    ids = torch.randint(0, 128, (2, 20), generator=gen(29))
+    with torch.no_grad():
+        out = meta(ids).logits
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, eager(ids).logits)
+    # a different seed gives different weights
+    eager.init_weights(generator=gen(30))
+    assert not torch.equal(eager.lm_head.weight, meta.lm_head.weight)
+
+
+def test_meta_construction_keeps_tied_embeddings(tiny_config):
+    cfg = tiny_config(tie_word_embeddings=True)
+    eager = Transformer(cfg)
+    assert eager.lm_head.weight is eager.embed_tokens.weight
+    with torch.device("meta"):
+        meta = Transformer(cfg)
+    meta.to_empty(device="cpu")
+    meta.init_weights(generator=gen(31))
+    assert meta.lm_head.weight is meta.embed_tokens.weight
+
+
+# ================================================================================ sdpa / causal / misc
+def test_sdpa_matches_eager(tiny_config):
+    cfg = tiny_config(rope_scaling=YARN, n_group=2, topk_group=1, initializer_range=0.15)
+    torch.manual_seed(0)
+    eager = Transformer(cfg).eval()
+    sdpa = Transformer(cfg.replace(attn_impl="sdpa")).eval()
+    sdpa.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 128, (2, 40), generator=gen(32))
+    le, ls = eager(ids).logits, sdpa(ids).logits
+    torch.testing.assert_close(ls, le, rtol=1e-5, atol=1e-5)
+    for i, v in eager.max_logits().items():
+        torch.testing.assert_close(sdpa.max_logits()[i], v, rtol=1e-6, atol=1e-6)
+    labels = torch.randint(0, 128, (2, 40), generator=gen(33))
+    F.cross_entropy(le.flatten(0, 1), labels.flatten()).backward()
+    F.cross_entropy(ls.flatten(0, 1), labels.flatten()).backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), sdpa.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_network_is_causal(tiny_config, attn_impl):
+    cfg = tiny_config(attn_impl=attn_impl, initializer_range=0.15)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 128, (2, 24), generator=gen(34))
+    changed = ids.clone()
+    changed[:, 15] = (changed[:, 15] + 1) % 128
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :15], b[:, :15], rtol=1e-6, atol=1e-6)
+    assert (a[:, 15:] - b[:, 15:]).abs().amax(dim=-1).min() > 1e-4  # every later position sees the change
+
+
+def test_explicit_positions(tiny_config):
+    cfg = tiny_config(rope_scaling=YARN)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 128, (2, 16), generator=gen(35))
+    with torch.no_grad():
+        default = model(ids).logits
+        torch.testing.assert_close(model(ids, positions=torch.arange(16)).logits, default, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, positions=torch.arange(16).expand(2, 16)).logits, default,
+                                   rtol=1e-6, atol=1e-6)
+        # RoPE is relative: shifting every position by the same offset changes nothing...
+        shifted = model(ids, positions=torch.stack([torch.arange(16) + 5, torch.arange(16) + 300])).logits
+        torch.testing.assert_close(shifted, default, rtol=1e-4, atol=1e-4)
+        # ...but a gap after token 8 changes the logits from there on, and only there
+        gap = torch.arange(16)
+        gap[8:] += 3
+        gapped = model(ids, positions=gap).logits
+    torch.testing.assert_close(gapped[:, :8], default[:, :8], rtol=1e-5, atol=1e-5)
+    assert (gapped[:, 8:] - default[:, 8:]).abs().max() > 1e-3
+
+
+def test_tied_embeddings_share_storage(tiny_config):
+    model = Transformer(tiny_config(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.embed_tokens.weight
+    untied = Transformer(tiny_config())
+    assert model.num_params() == untied.num_params() - 128 * 32
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - 128 * 32
+
+
+def test_deepcopy_and_train_step_are_finite(tiny_config):
+    """A few optimizer steps on the tiny model in train mode keep everything finite and lower the loss."""
+    cfg = tiny_config(aux_loss_alpha=1e-2, initializer_range=0.05)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    clone = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (4, 16), generator=gen(36))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        out = model(ids[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.balance_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_router_biases()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert not torch.equal(clone.lm_head.weight, model.lm_head.weight)
+    assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())
