@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.trainer import Trainer
 
-    result = Trainer(cfg).run()
-    if result.get("first_loss") is not None:
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    if trainer.rank == 0 and result.get("first_loss") is not None:
         print(f"done: loss {result['first_loss']:.4f} -> {result['loss']:.4f} over steps 1..{result['step']}")
     return 0
 

@@ -18,10 +18,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
 
 from data.loader import build_loaders, eval_batches
 from models import Transformer
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
+from parallel import (
+    ParallelDims, all_reduce_max, all_reduce_mean, all_reduce_sum, build_mesh, clip_grad_norm_, init_distributed,
+    parallelize,
+)
 from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from train.config import ExperimentConfig, to_yaml
 from train.metrics import MetricsLogger
@@ -44,12 +49,14 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
-def build_model(cfg: ExperimentConfig, device: torch.device) -> Transformer:
-    """Construct on the meta device (no memory), materialize on `device`, init from the run's seed."""
+def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | None = None) -> Transformer:
+    """Construct on the meta device (no memory), apply parallelism from outside, materialize on `device`
+    and initialise: the weights depend only on the seed, not on the number of ranks or the layout."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
+    parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing)
     model.to_empty(device=device)
-    model.init_weights(seed=cfg.train.seed)  # the same weights on any number of ranks
+    model.init_weights(seed=cfg.train.seed)
     return model
 
 
@@ -59,9 +66,14 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.rank, self.world = 0, 1  # parallel/ (expert + data parallelism) extends this to many ranks
         self.out_dir = Path(t.out_dir)
         self.device = pick_device(t.device)
+        # Under torchrun every rank runs this same code; one process is the world-size-1 case of it.
+        self.rank, self.world = init_distributed(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dims = ParallelDims.from_config(cfg.parallel, self.world, cfg.model.n_routed_experts)
+        self.mesh = build_mesh(self.dims, self.device.type) if self.world > 1 else None
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
         torch.manual_seed(t.seed)
 
@@ -72,7 +84,7 @@ class Trainer:
                 f"whole micro-batches of train.micro_batch_size={t.micro_batch_size}")
         self.accum_steps = per_rank // t.micro_batch_size
 
-        self.model = build_model(cfg, self.device)
+        self.model = build_model(cfg, self.device, self.mesh)
         self.optimizer = build_optimizer(self.model, dataclasses.asdict(cfg.optim))
         self.scheduler = build_lr_scheduler(self.optimizer, dataclasses.asdict(cfg.optim), t.steps)
         self.train_loader, self.val_dataset, self.tokenizer = build_loaders(
@@ -120,31 +132,34 @@ class Trainer:
             aux_sum += aux.detach()
 
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+        grad_norm = clip_grad_norm_(model.parameters(), clip)  # global norm over all ranks' shards
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        loads = model.update_router_biases()
+        loads = model.update_router_biases(reduce=all_reduce_sum)  # global load: the same update everywhere
 
         self.step += 1
         tokens = inputs.numel() * self.world
         self.tokens_seen += tokens
         max_logits = model.max_logits()
         model.reset_max_logits()
+        loss, aux = all_reduce_mean([(lm_sum / self.accum_steps).item(), (aux_sum / self.accum_steps).item()],
+                                    self.device)
+        (max_logit,) = all_reduce_max([max(v.max().item() for v in max_logits.values())], self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         rec: dict[str, Any] = {
             "step": self.step,
-            "loss": (lm_sum / self.accum_steps).item(),
-            "balance_loss": (aux_sum / self.accum_steps).item(),
+            "loss": loss,
+            "balance_loss": aux,
             "lr": lr,
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tokens / dt,
             "tokens_seen": self.tokens_seen,
             "step_time_s": dt,
-            "max_logit": max(v.max().item() for v in max_logits.values()),
+            "max_logit": max_logit,
         }
         for layer, load in loads.items():
             rec[f"moe/load_imbalance/layer{layer}"] = (load.max() / load.float().mean().clamp(min=1e-9)).item()
@@ -163,20 +178,22 @@ class Trainer:
     # --- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean next-token loss over the first `eval_batches` batches of the held-out split (same each time)."""
+        """Mean next-token loss over a fixed set of held-out sequences (the same every time, any world size)."""
         cfg = self.cfg
         self.model.eval()
         total, n = 0.0, 0
-        # eval_batches takes the global batch and gives each rank its slice: one micro-batch per rank.
-        batch = cfg.train.micro_batch_size * self.world
-        for inputs, targets in eval_batches(self.val_dataset, batch, cfg.train.eval_batches,
+        # The eval set is the first `eval_batches` global batches of the held-out split, whatever the
+        # number of ranks: each rank takes its slice of each, in micro-batches, so val loss is comparable.
+        mb = cfg.train.micro_batch_size
+        for inputs, targets in eval_batches(self.val_dataset, cfg.train.global_batch_size, cfg.train.eval_batches,
                                             dp_rank=self.rank, dp_world=self.world):
-            lm, _ = self._loss(inputs, targets)
-            total += lm.item()
-            n += 1
+            for i in range(0, inputs.shape[0], mb):
+                lm, _ = self._loss(inputs[i:i + mb], targets[i:i + mb])
+                total += lm.item()
+                n += 1
         self.model.reset_max_logits()
         self.model.train()
-        loss = total / max(n, 1)
+        (loss,) = all_reduce_mean([total / max(n, 1)], self.device)
         return {"step": self.step, "split": "val", "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     # --- checkpointing --------------------------------------------------------------------------
@@ -225,6 +242,11 @@ class Trainer:
             self.save()
         self.metrics.close()
         return {"first_loss": first_loss, **last}
+
+    def close(self) -> None:
+        """Leave the process group (torchrun ranks); a no-op in one process."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
