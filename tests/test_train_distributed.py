@@ -39,7 +39,7 @@ def test_torchrun_four_ranks_expert_parallel_matches_one_process(tmp_path: Path)
     assert done.stdout.count("step 1/8 |") == 1
     ref, got = _records(single), _records(dist_dir)
     assert [r["step"] for r in got] == [r["step"] for r in ref]
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         if "loss" in a:  # float32; only summation orders differ (measured: ~1e-7 relative over 20 steps)
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

@@ -24,7 +24,13 @@ from data.loader import build_loaders, eval_batches
 from models import Transformer
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
 from parallel import (
-    ParallelDims, all_reduce_max, all_reduce_mean, all_reduce_sum, build_mesh, clip_grad_norm_, init_distributed,
+    ParallelDims,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    build_mesh,
+    clip_grad_norm_,
+    init_distributed,
     parallelize,
 )
 from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
