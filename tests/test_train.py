@@ -165,3 +165,16 @@ def test_bf16_autocast_step_runs(tmp_path: Path, cache_dir: str) -> None:
     assert trainer.amp_dtype == torch.bfloat16
     assert 4.0 < rec["loss"] < 8.0 and rec["grad_norm"] > 0
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+
+
+def test_capacity_factor_drops_are_counted(tmp_path: Path, cache_dir: str) -> None:
+    """Dropless by default (0 dropped); a tight capacity drops token copies and the metrics say how many."""
+    counts = {}
+    for cf in ("null", "0.5"):
+        cfg = load_config(TINY, small_overrides(tmp_path / cf, cache_dir, **{
+            "train.steps": 1, "model.capacity_factor": cf, "checkpoint.save_final": False,
+            "optim.warmup_steps": 0}))
+        counts[cf] = Trainer(cfg).train_step()["moe/dropped_tokens"]
+    assert counts["null"] == 0
+    # 3 MoE layers x 512 tokens x top-2 copies; capacity 0.5 keeps at most half of them
+    assert 3 * 512 * 2 // 2 <= counts["0.5"] < 3 * 512 * 2

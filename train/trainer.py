@@ -169,6 +169,10 @@ class Trainer:
         }
         for layer, load in loads.items():
             rec[f"moe/load_imbalance/layer{layer}"] = (load.max() / load.float().mean().clamp(min=1e-9)).item()
+        dropped = torch.stack([m.dropped_tokens for m in model.moe_layers()]).sum() if loads else torch.zeros(())
+        for moe in model.moe_layers():
+            moe.dropped_tokens.zero_()
+        rec["moe/dropped_tokens"] = int(all_reduce_sum(dropped.to(self.device)).item())  # capacity drops
         for layer, moe_bias in self._router_bias_spread().items():
             rec[f"moe/bias_spread/layer{layer}"] = moe_bias
         return rec
