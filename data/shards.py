@@ -69,7 +69,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -158,7 +158,7 @@ def write_shard(
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, dest)  # the commit point: fails rather than replace a shard that appeared meanwhile
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from data.shards import fsync_dir
+
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -106,12 +108,12 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
 
     if rank == 0:
         (tmp / "config.yaml").write_text(config_yaml)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         (tmp / COMPLETE).write_text(f"step {step}\n")
         if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old one
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in list_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -148,16 +150,3 @@ def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     with _quiet():
         return get_state_dict(model, optimizer)
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries durable before the rename that publishes them."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
