@@ -62,9 +62,9 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    t = torch.tensor(values, device=device, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over all ranks (out of place); the identity in one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t

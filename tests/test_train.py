@@ -178,3 +178,21 @@ def test_capacity_factor_drops_are_counted(tmp_path: Path, cache_dir: str) -> No
     assert counts["null"] == 0
     # 3 MoE layers x 512 tokens x top-2 copies; capacity 0.5 keeps at most half of them
     assert 3 * 512 * 2 // 2 <= counts["0.5"] < 3 * 512 * 2
+
+
+def test_qk_clip_runs_in_the_trainer(tmp_path: Path, cache_dir: str) -> None:
+    """With tau far below the logits every head is clipped after the step; with the default none is."""
+    seen = {}
+    for tau in ("100.0", "0.05"):
+        cfg = load_config(TINY, small_overrides(tmp_path / tau, cache_dir, **{
+            "train.steps": 2, "optim.qk_clip_tau": tau, "checkpoint.save_final": False}))
+        trainer = Trainer(cfg)
+        recs = [trainer.train_step() for _ in range(2)]
+        seen[tau] = recs
+    layers, heads = 4, 4
+    assert all(r["qk_clip/heads_clipped"] == 0 for r in seen["100.0"])
+    assert seen["0.05"][0]["max_logit"] > 0.05
+    assert seen["0.05"][0]["qk_clip/heads_clipped"] == layers * heads  # every head's max exceeded tau
+    assert "attn/max_logit/layer3" in seen["0.05"][0]
+    # clipping shrank q/k, so the next step's logits are much smaller than unclipped ones
+    assert seen["0.05"][1]["max_logit"] < 0.5 * seen["100.0"][1]["max_logit"]

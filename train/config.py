@@ -34,6 +34,7 @@ class OptimConfig:
     eps: float = 1e-8
     fused: bool | None = None  # null = fused AdamW on CUDA only
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    qk_clip_tau: float | None = 100.0  # QK-Clip threshold on per-head max attention logits; null disables
     schedule: str = "wsd"  # wsd | cosine | linear | constant
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1

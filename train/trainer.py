@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from data.loader import build_loaders, eval_batches
 from models import Transformer
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
+from optim.qk_clip import qk_clip_
 from parallel import (
     ParallelDims,
     all_reduce_max,
@@ -145,14 +146,20 @@ class Trainer:
         self.scheduler.step()
         loads = model.update_router_biases(reduce=all_reduce_sum)  # global load: the same update everywhere
 
+        # QK-Clip (K2): per-head max logits of this step, global over ranks, rescale heads above tau.
+        max_logits = model.max_logits()
+        layers = sorted(max_logits)
+        per_head = all_reduce_max(torch.stack([max_logits[i] for i in layers]).to(self.device))
+        clipped = {}
+        if cfg.optim.qk_clip_tau is not None:
+            clipped = qk_clip_(model, dict(zip(layers, per_head, strict=True)), tau=cfg.optim.qk_clip_tau)
+        model.reset_max_logits()
+
         self.step += 1
         tokens = inputs.numel() * self.world
         self.tokens_seen += tokens
-        max_logits = model.max_logits()
-        model.reset_max_logits()
         loss, aux = all_reduce_mean([(lm_sum / self.accum_steps).item(), (aux_sum / self.accum_steps).item()],
                                     self.device)
-        (max_logit,) = all_reduce_max([max(v.max().item() for v in max_logits.values())], self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -165,8 +172,11 @@ class Trainer:
             "tokens_per_s": tokens / dt,
             "tokens_seen": self.tokens_seen,
             "step_time_s": dt,
-            "max_logit": max_logit,
+            "max_logit": per_head.max().item(),
+            "qk_clip/heads_clipped": sum(clipped.values()),
         }
+        for layer, row in zip(layers, per_head.tolist(), strict=True):
+            rec[f"attn/max_logit/layer{layer}"] = max(row)
         for layer, load in loads.items():
             rec[f"moe/load_imbalance/layer{layer}"] = (load.max() / load.float().mean().clamp(min=1e-9)).item()
         dropped = torch.stack([m.dropped_tokens for m in model.moe_layers()]).sum() if loads else torch.zeros(())
