@@ -1,4 +1,4 @@
-"""Optimizers for Chogori: parameter grouping, the optimizer registry (AdamW now, Muon later) and
+"""Optimizers for Chogori: parameter grouping, the optimizer registry (AdamW, Muon) and
 resumable LR schedules. The trainer needs only :func:`build_optimizer` and :func:`build_lr_scheduler`."""
 
 from optim.builder import (
@@ -8,17 +8,23 @@ from optim.builder import (
     register_optimizer,
     registered_optimizers,
 )
+from optim.muon import MUON_DEFAULTS, Muon, build_muon
+from optim.newton_schulz import NS_COEFFICIENTS, zeropower_via_newtonschulz5
 from optim.param_groups import GROUP_KINDS, ParamGroups, canonical_name, describe_groups, split_params
 from optim.schedules import DECAY_SHAPES, SCHEDULES, LRSchedule, build_lr_scheduler
 
 __all__ = [
     "DECAY_SHAPES",
     "GROUP_KINDS",
+    "MUON_DEFAULTS",
+    "NS_COEFFICIENTS",
     "SCHEDULES",
     "LRSchedule",
+    "Muon",
     "OptimizerFactory",
     "ParamGroups",
     "build_lr_scheduler",
+    "build_muon",
     "build_optimizer",
     "canonical_name",
     "describe_groups",
@@ -26,4 +32,5 @@ __all__ = [
     "register_optimizer",
     "registered_optimizers",
     "split_params",
+    "zeropower_via_newtonschulz5",
 ]

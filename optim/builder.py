@@ -155,4 +155,13 @@ def _real(key: str, value: Any) -> float:
     return float(value)
 
 
+def _build_muon(model: nn.Module, groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Muon on the "matrix" group, AdamW on the others (optim/muon.py; imported here, at build time,
+    because optim.muon imports this module). Extra keys: momentum, nesterov, ns_steps, ns_dtype."""
+    from optim.muon import build_muon
+
+    return build_muon(model, groups, cfg)
+
+
 register_optimizer("adamw", _build_adamw)
+register_optimizer("muon", _build_muon)

@@ -308,7 +308,7 @@ def test_register_optimizer_plugs_in(monkeypatch: pytest.MonkeyPatch) -> None:
         return torch.optim.SGD([p for named in groups.values() for _, p in named], lr=cfg["lr"])
 
     register_optimizer("SGDTest", sgd_factory)
-    assert registered_optimizers() == ["adamw", "sgdtest"]
+    assert registered_optimizers() == ["adamw", "muon", "sgdtest"]
     model = Model()
     opt = build_optimizer(model, _cfg(name="sgdtest"))
     assert isinstance(opt, torch.optim.SGD)

@@ -33,6 +33,10 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     fused: bool | None = None  # null = fused AdamW on CUDA only
+    momentum: float = 0.95  # Muon momentum
+    nesterov: bool = True  # Muon Nesterov momentum
+    ns_steps: int = 5  # Newton-Schulz iterations
+    ns_dtype: str = "auto"  # Newton-Schulz dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     qk_clip_tau: float | None = 100.0  # QK-Clip threshold on per-head max attention logits; null disables
     schedule: str = "wsd"  # wsd | cosine | linear | constant
