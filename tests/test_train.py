@@ -194,5 +194,6 @@ def test_qk_clip_runs_in_the_trainer(tmp_path: Path, cache_dir: str) -> None:
     assert seen["0.05"][0]["max_logit"] > 0.05
     assert seen["0.05"][0]["qk_clip/heads_clipped"] == layers * heads  # every head's max exceeded tau
     assert "attn/max_logit/layer3" in seen["0.05"][0]
-    # clipping shrank q/k, so the next step's logits are much smaller than unclipped ones
-    assert seen["0.05"][1]["max_logit"] < 0.5 * seen["100.0"][1]["max_logit"]
+    # The clip runs after the optimizer update, so the next forward sees every head near tau (a new batch and
+    # the shifted inputs of deeper layers move it a little); without the clip the logits are well above.
+    assert seen["0.05"][1]["max_logit"] < 2 * 0.05 < seen["100.0"][1]["max_logit"]
