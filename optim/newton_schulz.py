@@ -18,9 +18,16 @@ Gram matrix, and transposed back at the end. On a 2-D input the operations are e
 PyTorch's algorithm run in float32. A ``[..., n, m]`` input is a batch of independent matrices (a
 stack of routed experts ``[E, out, in]``): each one is normalized by its own norm and iterated with
 batched products (``baddbmm``).
+
+On a CUDA GPU (sm80+) with Triton, the two symmetric products of each step (``X Xᵀ`` and ``b A + c A²``) run
+on optim/triton_ns.py's kernel, which computes one triangle (about half the FLOPs): same math, fp32
+accumulation, but no longer bitwise torch.optim.Muon's. ``CHOGORI_TRITON_NS=0`` keeps PyTorch's products
+there too; on CPU they are always PyTorch's.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -54,9 +61,14 @@ def zeropower_via_newtonschulz5(
         if transpose:
             X = X.T
         X = X / X.norm().clamp(min=eps)
+        sym = _triton_sym(X)
         for _ in range(steps):
-            A = X @ X.T
-            B = torch.addmm(A, A, A, beta=b, alpha=c)
+            if sym is not None:  # CUDA only: one triangle of each symmetric product
+                A = sym.sym_matmul(X)
+                B = sym.sym_square(A, add=A, alpha=c, beta=b)
+            else:
+                A = X @ X.T
+                B = torch.addmm(A, A, A, beta=b, alpha=c)
             X = torch.addmm(X, B, X, beta=a)
         if transpose:
             X = X.T
@@ -67,13 +79,37 @@ def zeropower_via_newtonschulz5(
     if transpose:
         X = X.mT
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    sym = _triton_sym(X)
     for _ in range(steps):
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        if sym is not None:  # CUDA only: one triangle of each symmetric product
+            A = sym.sym_matmul(X)
+            B = sym.sym_square(A, add=A, alpha=c, beta=b)
+        else:
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
     if transpose:
         X = X.mT
     return X.reshape(*batch_shape, n, m).to(G.dtype)
+
+
+def _triton_sym(X: torch.Tensor):
+    """The module optim.triton_ns when NS on ``X`` should take its symmetric products from the Triton kernel:
+    ``X`` a 2-D or 3-D CUDA tensor (sm80+) in float32/bfloat16/float16, Triton importable, and the environment
+    variable ``CHOGORI_TRITON_NS`` not ``0``. None otherwise (always on CPU): PyTorch's products."""
+    if type(X) is not torch.Tensor or not X.is_cuda or X.ndim not in (2, 3):  # not DTensors either
+        return None
+    if os.environ.get("CHOGORI_TRITON_NS", "1") == "0":
+        return None
+    if torch.cuda.get_device_capability(X.device) < (8, 0):
+        return None
+    try:
+        from optim import triton_ns
+    except ImportError:
+        return None
+    if triton_ns.triton is None or X.dtype not in triton_ns.SUPPORTED_DTYPES:
+        return None
+    return triton_ns
 
 
 def ns_polynomial(s: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
