@@ -26,10 +26,11 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world, *args)
+    # Leave together: a rank tearing gloo down while a peer still closes its connections can abort
+    # ("terminate called without an active exception"). On an error, spawn reports it and kills the rest.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:

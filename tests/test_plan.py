@@ -204,7 +204,8 @@ def test_bad_layout(layout: Layout, message: str) -> None:
 
 # --- CLI --------------------------------------------------------------------------------------------
 def test_cli_table() -> None:
-    run = subprocess.run([sys.executable, "-m", "models.plan", "--config", "configs/tiny.yaml"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "models.plan", "--config", "configs/tiny.yaml", "--optimizer", "adamw"],
+                         cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     cfg = preset("tiny")
