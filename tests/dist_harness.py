@@ -35,4 +35,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
     """`fn(rank, world, *args)` on `world` processes joined in one gloo group (fn must be importable)."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    # Ranks fork from a forkserver that imports torch once per test session (a fresh interpreter per rank
+    # would spend most of these tests' time importing torch on a 2-core machine).
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed.tensor",
+                                                         "torch.distributed.fsdp", "models", "parallel"])
+    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
+                       start_method="forkserver")
