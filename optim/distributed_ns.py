@@ -97,48 +97,65 @@ def orthogonalize(updates: list[torch.Tensor], ns: NSFn, group: dist.ProcessGrou
     if sharded:
         mesh = updates[sharded[0]].device_mesh
         pg = group or mesh.get_group()
-        world, me = dist.get_world_size(pg), dist.get_rank(pg)
-        owners = assign_owners([tuple(updates[i].shape) for i in sharded], world)
-        for i, owner in zip(sharded, owners, strict=True):
-            out[i] = _gather_ns_scatter(updates[i], ns, pg, world, me, owner, stats)
+        owners = assign_owners([tuple(updates[i].shape) for i in sharded], dist.get_world_size(pg))
+        for i, result in zip(sharded, _gather_ns_scatter([updates[i] for i in sharded], owners, ns, pg, stats),
+                             strict=True):
+            out[i] = result
     return out  # type: ignore[return-value]
 
 
-def _gather_ns_scatter(u: DTensor, ns: NSFn, pg: dist.ProcessGroup, world: int, me: int, owner: int,
-                       stats: NSStats) -> DTensor:
-    """Gather a dim-0-sharded matrix to `owner`, orthogonalize there, scatter the row shards back.
+def _gather_ns_scatter(us: list[DTensor], owners: list[int], ns: NSFn, pg: dist.ProcessGroup,
+                       stats: NSStats) -> list[DTensor]:
+    """Gather each dim-0-sharded matrix to its owner, orthogonalize there, scatter the row shards back.
 
-    FSDP2 shards rows unevenly (the last ranks may hold fewer or none), so every shard is padded to
-    ceil(rows / world) rows for the fixed-size gather/scatter and trimmed afterwards."""
-    rows = u.shape[0]
-    chunk = -(-rows // world)
-    local = u.to_local()
-    padded = local.new_zeros((chunk, *u.shape[1:]))
-    padded[: local.shape[0]] = local
-    owner_global = dist.get_global_rank(pg, owner)
-    gathered = [torch.empty_like(padded) for _ in range(world)] if me == owner else None
-    dist.gather(padded, gathered, dst=owner_global, group=pg)
-    scattered = torch.empty_like(padded)
-    pieces = None
-    if me == owner:
-        assert gathered is not None
-        full = torch.cat([g[: _rows_of(rows, world, r)] for r, g in enumerate(gathered)])
-        result = ns(full)
-        pieces = []
-        start = 0
+    Three phases so the owners work in parallel: all gathers are started at once, then every rank
+    orthogonalizes the matrices it owns, then all scatters are started. (Gathering, computing and scattering
+    one matrix at a time would make every rank wait for each owner in turn.) FSDP2 shards rows unevenly,
+    so every shard is padded to ceil(rows / world) rows for the fixed-size collectives and trimmed after."""
+    world, me = dist.get_world_size(pg), dist.get_rank(pg)
+    padded, gathered, works = [], [], []
+    for u, owner in zip(us, owners, strict=True):
+        local = u.to_local()
+        chunk = -(-u.shape[0] // world)
+        pad = local.new_zeros((chunk, *u.shape[1:]))
+        pad[: local.shape[0]] = local
+        bucket = [torch.empty_like(pad) for _ in range(world)] if me == owner else None
+        works.append(dist.gather(pad, bucket, dst=dist.get_global_rank(pg, owner), group=pg, async_op=True))
+        padded.append(pad)
+        gathered.append(bucket)
+        nbytes = pad.numel() * pad.element_size()
+        stats.bytes_moved += (2 * (world - 1) * nbytes) if me == owner else 2 * nbytes
+        stats.total_flops += ns_flops(u.shape)
+    for work in works:
+        work.wait()
+
+    pieces: list[list[torch.Tensor] | None] = []
+    for u, owner, bucket in zip(us, owners, gathered, strict=True):
+        if me != owner:
+            pieces.append(None)
+            continue
+        assert bucket is not None
+        rows = u.shape[0]
+        result = ns(torch.cat([g[: _rows_of(rows, world, r)] for r, g in enumerate(bucket)]))
+        mine, start = [], 0
         for r in range(world):
             n = _rows_of(rows, world, r)
-            piece = result.new_zeros((chunk, *u.shape[1:]))
+            piece = result.new_zeros(bucket[0].shape)
             piece[:n] = result[start:start + n]
-            pieces.append(piece)
+            mine.append(piece)
             start += n
+        pieces.append(mine)
         stats.local_flops += ns_flops(u.shape)
-    dist.scatter(scattered, pieces, src=owner_global, group=pg)
-    stats.total_flops += ns_flops(u.shape)
-    nbytes = padded.numel() * padded.element_size()
-    stats.bytes_moved += (2 * (world - 1) * nbytes) if me == owner else 2 * nbytes
-    mine = scattered[: local.shape[0]]
-    return DTensor.from_local(mine, u.device_mesh, u.placements, run_check=False, shape=u.shape, stride=u.stride())
+
+    received, works = [], []
+    for owner, pad, mine in zip(owners, padded, pieces, strict=True):
+        buf = torch.empty_like(pad)
+        works.append(dist.scatter(buf, mine, src=dist.get_global_rank(pg, owner), group=pg, async_op=True))
+        received.append(buf)
+    for work in works:
+        work.wait()
+    return [DTensor.from_local(buf[: u.to_local().shape[0]], u.device_mesh, u.placements, run_check=False,
+                               shape=u.shape, stride=u.stride()) for u, buf in zip(us, received, strict=True)]
 
 
 def _rows_of(rows: int, world: int, rank: int) -> int:
