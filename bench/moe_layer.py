@@ -16,8 +16,10 @@ because the HF module has none, so both layers do the same math.
 
 Timing: --warmup untimed iterations, then the median of --iters timed iterations (time.perf_counter, CUDA
 synchronized) of zero-grad + forward + backward with a fixed output gradient; torch's thread count is
-left at its default. The float32 check step is one more untimed step (on CPU, where it runs in the timed
-dtype, it is a warmup too). Each case also prints the median forward / backward split and, with --profile,
+left at its default. The two layers' iterations alternate (ours, loop, ours, loop, ...) so that load from
+other processes hits both alike. On CPU the float32 check step runs the same modules, dtype and shapes,
+so it is the warmup (--warmup defaults to 0 there, to 1 on CUDA, where the check runs in float32): the
+loop at E=384 takes seconds per step. Each case also prints the median forward / backward split and, with --profile,
 the top operators (self CPU time) of one profiled step of each layer (slow for the loop at E=384).
 Benchmarks never fail a test run; record the output in docs/BENCHMARKS.md with the machine it ran on.
 """
@@ -150,16 +152,20 @@ def check(ours: MoE, hf, device: torch.device, tokens: int, hidden: int, seed: i
     return diff
 
 
-def bench(m, fn, x: torch.Tensor, grad: torch.Tensor, warmup: int, iters: int) -> list[tuple[float, ...]]:
-    """(total, forward, backward) seconds of each timed iteration."""
+def bench(layers: list, x: torch.Tensor, grad: torch.Tensor, warmup: int,
+          iters: int) -> list[list[tuple[float, ...]]]:
+    """For each (module, fn) in `layers`, (total, forward, backward) seconds of each timed iteration; the
+    layers take turns iteration by iteration."""
     sync = torch.cuda.synchronize if x.device.type == "cuda" else None
     for _ in range(warmup):
-        step(m, fn, x, grad, sync)
-    times = []
+        for m, fn in layers:
+            step(m, fn, x, grad, sync)
+    times: list[list[tuple[float, ...]]] = [[] for _ in layers]
     for _ in range(iters):
-        t0 = time.perf_counter()
-        _, fwd, bwd = step(m, fn, x, grad, sync)
-        times.append((time.perf_counter() - t0, fwd, bwd))
+        for (m, fn), ts in zip(layers, times, strict=True):
+            t0 = time.perf_counter()
+            _, fwd, bwd = step(m, fn, x, grad, sync)
+            ts.append((time.perf_counter() - t0, fwd, bwd))
     return times
 
 
@@ -185,7 +191,8 @@ def main() -> None:
     ap.add_argument("--active-ffn", type=int, default=512,
                     help="top-k x moe_intermediate_size, held fixed across --experts (default 512)")
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed iterations per layer after the check step (default: 0 on CPU, 1 on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true", help="also profile one step of each layer per case")
@@ -195,6 +202,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.warmup is None:
+        args.warmup = 0 if device.type == "cpu" else 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device {device} ({name}), {os.cpu_count()} cpus, torch {torch.__version__} "
           f"(threads {torch.get_num_threads()}), transformers {transformers.__version__}, dtype "
@@ -202,7 +211,8 @@ def main() -> None:
     if hasattr(os, "getloadavg"):
         print("load average at start: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(f"tokens {args.tokens}, hidden {args.hidden}, top-k x moe_intermediate_size {args.active_ffn}, "
-          f"1 shared expert, warmup {args.warmup}, median of {args.iters} fwd+bwd iterations\n")
+          f"1 shared expert; untimed: the float32 check step + {args.warmup} warmup; median of {args.iters} "
+          "fwd+bwd iterations, ours and loop alternating\n")
 
     rows = []
     for num_experts in args.experts:
@@ -220,8 +230,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(args.seed + 2)
         x = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype).requires_grad_(True)
         grad = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype)
-        t_ours = bench(ours, run_ours, x, grad, args.warmup, args.iters)
-        t_loop = bench(hf, run_hf, x, grad, args.warmup, args.iters)
+        t_ours, t_loop = bench([(ours, run_ours), (hf, run_hf)], x, grad, args.warmup, args.iters)
         m_ours, m_loop = (statistics.median(t[0] for t in ts) for ts in (t_ours, t_loop))
         print(f"  median [min..max]: {summary('ours', t_ours)}; {summary('loop', t_loop)}", flush=True)
         if args.profile:
