@@ -19,8 +19,9 @@ synchronized) of zero-grad + forward + backward with a fixed output gradient; to
 left at its default. The two layers' iterations alternate (ours, loop, ours, loop, ...) so that load from
 other processes hits both alike. On CPU the float32 check step runs the same modules, dtype and shapes,
 so it is the warmup (--warmup defaults to 0 there, to 1 on CUDA, where the check runs in float32): the
-loop at E=384 takes seconds per step. Each case also prints the median forward / backward split and, with --profile,
-the top operators (self CPU time) of one profiled step of each layer (slow for the loop at E=384).
+loop at E=384 takes seconds per step. Each case also prints the median forward / backward split and, with
+--profile, the top operators (self CPU time) of one profiled step of each layer (slow for the loop at
+E=384). The default sweep takes ~90 s on an idle 2-core CPU.
 Benchmarks never fail a test run; record the output in docs/BENCHMARKS.md with the machine it ran on.
 """
 
