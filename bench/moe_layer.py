@@ -29,30 +29,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/ is the script directory)
 
 from models.config import ModelConfig  # noqa: E402
 from models.moe import MoE, _grouped_mm_ok  # noqa: E402
 
 TOL = 1e-4
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def shapes(num_experts: int, active_ffn: int) -> tuple[int, int]:

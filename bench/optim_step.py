@@ -37,7 +37,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/ is the script directory)
 from torch.distributed.tensor import DTensor, Replicate  # noqa: E402
 
 from models import ModelConfig, Transformer  # noqa: E402
@@ -63,16 +63,6 @@ A_CFG = dict(vocab_size=320, hidden_size=256, intermediate_size=768, num_hidden_
              moe_intermediate_size=192, max_position_embeddings=256)
 A_OPTIM = {"name": "muon", "lr": 1e-3, "weight_decay": 0.1, "ns_dtype": "float32"}
 A_BATCH, A_SEQ = 8, 64
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt_ms(s: float) -> str:

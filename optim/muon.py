@@ -328,16 +328,7 @@ def _check_muon_group(group: dict[str, Any], params: list[Tensor]) -> None:
                 f"{tuple(p.shape)}: put it in a group with use_muon=False (AdamW)"
             )
     _check_lr_wd(group)
-    momentum = group["momentum"]
-    if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-    if not isinstance(group["nesterov"], bool):
-        raise ValueError(f"nesterov must be true or false, got {group['nesterov']!r}")
-    steps = group["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1:
-        raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
-    group["ns_steps"] = int(steps)
-    group["ns_dtype"] = _ns_dtype_name(group["ns_dtype"])
+    _normalize_muon_hparams(group)
 
 
 def _check_adamw_group(group: dict[str, Any]) -> None:
@@ -367,18 +358,23 @@ def muon_hparams(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     for key, default in MUON_DEFAULTS.items():
         value = cfg.get(key, None) if cfg is not None else None
         out[key] = default if value is None else value
-    momentum = out["momentum"]
+    _normalize_muon_hparams(out)
+    return out
+
+
+def _normalize_muon_hparams(d: dict[str, Any]) -> None:
+    """Check momentum / nesterov / ns_steps / ns_dtype in place (errors name the key) and normalize types."""
+    momentum = d["momentum"]
     if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0.0 <= float(momentum) < 1.0:
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-    out["momentum"] = float(momentum)
-    if not isinstance(out["nesterov"], bool):
-        raise ValueError(f"nesterov must be true or false, got {out['nesterov']!r}")
-    steps = out["ns_steps"]
+    d["momentum"] = float(momentum)
+    if not isinstance(d["nesterov"], bool):
+        raise ValueError(f"nesterov must be true or false, got {d['nesterov']!r}")
+    steps = d["ns_steps"]
     if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 1:
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
-    out["ns_steps"] = int(steps)
-    out["ns_dtype"] = _ns_dtype_name(out["ns_dtype"])
-    return out
+    d["ns_steps"] = int(steps)
+    d["ns_dtype"] = _ns_dtype_name(d["ns_dtype"])
 
 
 def build_muon(model: nn.Module, groups: ParamGroups, cfg: Mapping[str, Any]) -> Muon:
