@@ -1,7 +1,7 @@
-"""Data: tokenizers, the token-shard format, the built-in corpus and the streaming loader.
+"""Data: tokenizers, the token-shard format, `python -m data.prepare`, datasets and the streaming loader.
 
-The loader names (which import torch) are loaded on first use, so tokenizing / shard-writing processes
-(e.g. the workers of `python -m data.prepare`) stay light.
+Every name is loaded on first use, so processes that only tokenize or write shards (the workers of
+`python -m data.prepare`) stay light, and `python -m data.<module>` runs without importing itself twice.
 """
 
 from __future__ import annotations
@@ -9,23 +9,32 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from data.shards import Shard, ShardError, open_shard, token_dtype, write_shard
-from data.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_fingerprint
-
 _LAZY = {
+    "ByteTokenizer": "data.tokenizer",
+    "HFTokenizer": "data.tokenizer",
+    "Tokenizer": "data.tokenizer",
+    "load_tokenizer": "data.tokenizer",
+    "tokenizer_from_fingerprint": "data.tokenizer",
+    "train_bpe": "data.tokenizer",
+    "Shard": "data.shards",
+    "ShardError": "data.shards",
+    "ShardWriter": "data.shards",
+    "open_shard": "data.shards",
+    "token_dtype": "data.shards",
+    "write_shard": "data.shards",
+    "prepare": "data.prepare",
+    "PrepareError": "data.prepare",
     "builtin_corpus": "data.builtin",
-    "FeistelPermutation": "data.loader",
-    "WindowDataset": "data.loader",
+    "FeistelPermutation": "data.dataset",
+    "WindowDataset": "data.dataset",
+    "MixtureDataset": "data.dataset",
+    "open_source": "data.dataset",
     "TokenBatchLoader": "data.loader",
     "build_loaders": "data.loader",
     "eval_batches": "data.loader",
 }
 
-__all__ = [
-    "ByteTokenizer", "Tokenizer", "tokenizer_from_fingerprint",
-    "Shard", "ShardError", "open_shard", "write_shard", "token_dtype",
-    *_LAZY,
-]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

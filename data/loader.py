@@ -1,26 +1,15 @@
-"""Streaming loader: fixed windows over the packed token stream, in a seeded order computed on the fly.
+"""Streaming loader: this rank's batches of the global sample sequence, read ahead by a background thread.
 
-The global sample order is a pure function of (seed, global sample index):
-
-- The shards' tokens, taken in the order given, form one stream (documents are already separated by EOS).
-  Window ``w`` is the ``seq_len + 1`` tokens starting at token ``w * seq_len``: consecutive windows share
-  one boundary token so every token is predicted exactly once, and **windows may cross shard boundaries**
-  (nothing is wasted at the end of a shard). There are ``(num_tokens - 1) // seq_len`` windows.
-- Sample ``i`` of epoch ``e`` is window ``P_e(i)`` where ``P_e`` is a keyed Feistel permutation of
-  ``[0, num_windows)`` (cycle-walking over the next even power of two). It costs O(1) memory and time per
-  sample, so start-up and memory do not grow with the corpus (15T tokens = ~3.7B windows of 4096).
-- Global sample ``g`` is sample ``g % num_windows`` of epoch ``g // num_windows``; each epoch has its own
-  permutation key, derived from (seed, epoch).
-- Step ``s`` with global batch ``G`` uses global samples ``[s*G, (s+1)*G)``; data-parallel rank ``r`` of
-  ``W`` reads only its contiguous slice of ``L = G // W`` of them. The order therefore does not depend on
-  the world size, and resuming needs only the number of samples consumed.
+What sample ``g`` is (windows over packed shards, shuffled on the fly, mixed by weight) is defined in
+`data/dataset.py`. Here: step ``s`` with global batch ``G`` uses global samples ``[s*G, (s+1)*G)``, and
+data-parallel rank ``r`` of ``W`` reads only its contiguous slice of ``G // W`` of them through memory maps.
+The order therefore does not depend on the world size, and resuming needs only the number of samples
+consumed. `build_loaders` turns a `data:` config section (the built-in corpus, a directory written by
+`python -m data.prepare`, or a weighted mixture of them) into the train loader and the validation set.
 """
 
 from __future__ import annotations
 
-import bisect
-import operator
-import os
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,211 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.shards import Shard, ShardError, is_shard, open_shard
+from data.dataset import MixtureDataset, WindowDataset, derive_seed, open_source
+from data.shards import ShardError, open_shard
 from data.tokenizer import Tokenizer, tokenizer_from_fingerprint
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finalizer: a fast, well-mixing bijection of 64-bit integers."""
-    x &= _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _mix64_np(x: np.ndarray) -> np.ndarray:
-    """`_mix64` on a uint64 array (numpy's uint64 arithmetic wraps modulo 2**64, as wanted)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def derive_seed(seed: int, *salt: int) -> int:
-    """A 64-bit key from a seed and integers (e.g. the epoch); distinct inputs give unrelated keys."""
-    h = _mix64(seed & _MASK64)
-    for s in salt:
-        h = _mix64(h ^ _mix64((s + _GOLDEN) & _MASK64))
-    return h
-
-
-class FeistelPermutation:
-    """A pseudo-random bijection of ``[0, n)`` keyed by `seed`, evaluated per index without any table.
-
-    A balanced Feistel network is a bijection of ``[0, 4**h)`` whatever its round function; indices that
-    land outside ``[0, n)`` are encrypted again (cycle walking) until they fall inside, which keeps it a
-    bijection of ``[0, n)``. The domain is at most 4x ``n``, so fewer than 4 walks are needed on average.
-    """
-
-    ROUNDS = 6
-
-    def __init__(self, n: int, seed: int) -> None:
-        if n < 0:
-            raise ValueError(f"permutation size must be >= 0, got {n}")
-        self.n = int(n)
-        self.seed = int(seed)
-        bits = max(2, (self.n - 1).bit_length())
-        self.half = (bits + 1) // 2
-        self.mask = (1 << self.half) - 1
-        self.keys = [derive_seed(seed, 0xFE1, r) for r in range(self.ROUNDS)]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def _encrypt(self, x: int) -> int:
-        left, right = x >> self.half, x & self.mask
-        for k in self.keys:
-            left, right = right, left ^ (_mix64(right ^ k) & self.mask)
-        return (left << self.half) | right
-
-    def __call__(self, i: int) -> int:
-        """The image of index `i` (0 <= i < n)."""
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for a permutation of size {self.n}")
-        x = self._encrypt(i)
-        while x >= self.n:
-            x = self._encrypt(x)
-        return x
-
-    def _encrypt_np(self, x: np.ndarray) -> np.ndarray:
-        half, mask = np.uint64(self.half), np.uint64(self.mask)
-        left, right = x >> half, x & mask
-        for k in self.keys:
-            left, right = right, left ^ (_mix64_np(right ^ np.uint64(k)) & mask)
-        return (left << half) | right
-
-    def map(self, indices: np.ndarray) -> np.ndarray:
-        """Vectorised `__call__` over an integer array (same results); returns uint64."""
-        idx = np.asarray(indices)
-        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
-            raise IndexError(f"indices out of range for a permutation of size {self.n}")
-        with np.errstate(over="ignore"):
-            x = self._encrypt_np(idx.astype(np.uint64))
-            out = x >= np.uint64(self.n)
-            while out.any():
-                x[out] = self._encrypt_np(x[out])
-                out = x >= np.uint64(self.n)
-        return x
-
-
-class WindowDataset:
-    """Windows of ``seq_len + 1`` tokens over the packed stream of `shard_paths` (see the module doc).
-
-    ``dataset[i]`` is sample ``i`` of epoch 0 as an int64 array; `samples` reads any run of global samples
-    (epochs wrap) and is what the loaders use. With ``shuffle=False`` sample ``i`` is window ``i``.
-    Picklable: memory maps are reopened in the receiving process instead of being copied.
-    """
-
-    def __init__(
-        self, shard_paths: list[str], seq_len: int, seed: int, shuffle: bool = True,
-        expected_fingerprint: str | None = None,
-    ) -> None:
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if not shard_paths:
-            raise ValueError("WindowDataset needs at least one shard path")
-        self.shard_paths = [str(p) for p in shard_paths]
-        self.seq_len = int(seq_len)
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self._expected_fingerprint = expected_fingerprint
-        self._open()
-        first = self._shards[0]
-        self.tokenizer_fingerprint = first.tokenizer_fingerprint
-        self.vocab_size = first.vocab_size
-        self.num_tokens = sum(s.num_tokens for s in self._shards)
-        self.num_windows = max(0, (self.num_tokens - 1) // self.seq_len)
-        if self.num_windows == 0:
-            raise ValueError(f"the shards hold {self.num_tokens} tokens, too few for one window of "
-                             f"seq_len + 1 = {self.seq_len + 1}: {self.shard_paths}")
-        self._perms: dict[int, FeistelPermutation] = {}
-
-    def _open(self) -> None:
-        shards = [open_shard(p, expected_fingerprint=self._expected_fingerprint) for p in self.shard_paths]
-        first = shards[0]
-        for s in shards[1:]:
-            if (s.tokenizer_fingerprint, s.vocab_size) != (first.tokenizer_fingerprint, first.vocab_size):
-                raise ShardError(s.path, f"tokenizer {s.tokenizer_fingerprint!r} / vocab {s.vocab_size} "
-                                         f"differs from {first.path}'s; one dataset must use one tokenizer")
-        self._shards: list[Shard] = [s for s in shards if s.num_tokens > 0]
-        self._starts: list[int] = []  # stream offset of each non-empty shard (Python ints: 64-bit safe)
-        pos = 0
-        for s in self._shards:
-            self._starts.append(pos)
-            pos += s.num_tokens
-        if not self._shards:
-            self._shards, self._starts = shards[:1], [0]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_shards"], state["_starts"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._open()
-
-    def __len__(self) -> int:
-        return self.num_windows
-
-    def permutation(self, epoch: int = 0) -> FeistelPermutation | None:
-        """The window order of `epoch` (None when not shuffling: the identity)."""
-        if not self.shuffle:
-            return None
-        perm = self._perms.get(epoch)
-        if perm is None:
-            if len(self._perms) > 8:
-                self._perms.clear()
-            perm = self._perms[epoch] = FeistelPermutation(
-                self.num_windows, self.seed if epoch == 0 else derive_seed(self.seed, epoch))
-        return perm
-
-    def window_index(self, i: int, epoch: int = 0) -> int:
-        """Which window sample `i` of `epoch` is."""
-        i = operator.index(i)
-        if not 0 <= i < self.num_windows:
-            raise IndexError(f"sample {i} out of range for {self.num_windows} windows")
-        perm = self.permutation(epoch)
-        return i if perm is None else perm(i)
-
-    def window(self, w: int) -> np.ndarray:
-        """Window `w` in stream order: tokens [w*seq_len, w*seq_len + seq_len + 1), as int64."""
-        n = self.seq_len + 1
-        start = operator.index(w) * self.seq_len
-        out = np.empty(n, dtype=np.int64)
-        k = bisect.bisect_right(self._starts, start) - 1
-        filled = 0
-        while filled < n:
-            shard = self._shards[k]
-            lo = start + filled - self._starts[k]
-            take = min(n - filled, shard.num_tokens - lo)
-            out[filled : filled + take] = shard.tokens[lo : lo + take]
-            filled += take
-            k += 1
-        return out
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        i = operator.index(i)
-        if i < 0:
-            i += self.num_windows
-        return self.window(self.window_index(i))
-
-    def samples(self, start: int, count: int) -> np.ndarray:
-        """Global samples [start, start + count), wrapping into later epochs, as int64 [count, seq_len+1]."""
-        out = np.empty((count, self.seq_len + 1), dtype=np.int64)
-        g, row = operator.index(start), 0
-        while row < count:
-            epoch, i = divmod(g, self.num_windows)
-            take = min(count - row, self.num_windows - i)
-            perm = self.permutation(epoch)
-            idx = np.arange(i, i + take, dtype=np.uint64)
-            windows = idx if perm is None else perm.map(idx)
-            for j, w in enumerate(windows.tolist()):
-                out[row + j] = self.window(w)
-            g, row = g + take, row + take
-        return out
+Dataset = WindowDataset | MixtureDataset
 
 
 def _to_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +40,7 @@ class TokenBatchLoader:
     """
 
     def __init__(
-        self, dataset: WindowDataset, global_batch_size: int, dp_rank: int = 0, dp_world: int = 1,
+        self, dataset: Dataset, global_batch_size: int, dp_rank: int = 0, dp_world: int = 1,
         start_sample: int = 0, prefetch: int = 2,
     ) -> None:
         if global_batch_size < 1:
@@ -329,7 +118,7 @@ class TokenBatchLoader:
 
 
 def eval_batches(
-    val_dataset: WindowDataset, batch_size: int, num_batches: int | None = None, dp_rank: int = 0,
+    val_dataset: Dataset, batch_size: int, num_batches: int | None = None, dp_rank: int = 0,
     dp_world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The same evaluation batches on every call: global batches of `batch_size` from the dataset's start.
@@ -352,17 +141,6 @@ def eval_batches(
         yield _to_batch(rows)
 
 
-def find_shards(directory: str | os.PathLike[str]) -> list[str]:
-    """The finished shards directly under `directory`, sorted by name (unfinished temp dirs are ignored)."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise ShardError(d, "shard directory does not exist")
-    found = sorted(str(p) for p in d.iterdir() if not p.name.startswith(".") and is_shard(p))
-    if not found:
-        raise ShardError(d, "contains no shards (subdirectories with a manifest.json written by write_shard)")
-    return found
-
-
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     if cfg is None:
         return default
@@ -371,31 +149,55 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
+def _sources(data_cfg: Any) -> list[tuple[str, float, str]]:
+    """(path, weight, name) of every configured source: `data.sources` if given, else `data.source`."""
+    listed = _cfg_get(data_cfg, "sources", None) or []
+    if not listed:
+        path = str(_cfg_get(data_cfg, "source", "builtin"))
+        return [(path, 1.0, path)]
+    out = []
+    for i, src in enumerate(listed):
+        path = _cfg_get(src, "path", None)
+        if not path:
+            raise ValueError(f"data.sources[{i}].path is missing")
+        weight = _cfg_get(src, "weight", 1.0)
+        out.append((str(path), weight, str(_cfg_get(src, "name", None) or f"data.sources[{i}] ({path})")))
+    return out
+
+
 def build_loaders(
     data_cfg: Any, seq_len: int, global_batch_size: int, seed: int, dp_rank: int = 0, dp_world: int = 1,
-) -> tuple[TokenBatchLoader, WindowDataset, Tokenizer]:
+) -> tuple[TokenBatchLoader, Dataset, Tokenizer]:
     """(train loader, validation dataset, tokenizer) for a `data:` config section.
 
-    Keys: `source` — "builtin" (the Python standard library corpus) or a directory with `train/` and
-    `val/` subdirectories of shards; `cache_dir` — where the built-in corpus lives (null: default);
-    `prefetch` — batches read ahead (default 2). Every rank may call this at once.
+    Keys: `source` — "builtin" (the Python standard library corpus) or a prepared directory; `sources` — a
+    list of {path, weight, name} mixed by weight (replaces `source`); `cache_dir` — where the built-in corpus
+    lives (null: default); `prefetch` — batches read ahead (default 2). Every source must use one tokenizer.
+    Every rank may call this at once.
     """
-    source = _cfg_get(data_cfg, "source", "builtin")
     cache_dir = _cfg_get(data_cfg, "cache_dir", None)
     prefetch = int(_cfg_get(data_cfg, "prefetch", 2))
-    if source == "builtin":
-        from data.builtin import builtin_corpus
-
-        train_path, val_path = builtin_corpus(cache_dir, progress=dp_rank == 0)
-        train_paths, val_paths = [train_path], [val_path]
+    sources = _sources(data_cfg)
+    opened = [open_source(path, cache_dir, progress=dp_rank == 0) for path, _, _ in sources]
+    fingerprint = open_shard(opened[0][0][0]).tokenizer_fingerprint
+    search = [Path(path) for path, _, _ in sources if path != "builtin"]
+    tokenizer = tokenizer_from_fingerprint(fingerprint, search=search)
+    trains, vals = [], []
+    for i, ((train_paths, val_paths), (_, _, name)) in enumerate(zip(opened, sources, strict=True)):
+        try:
+            source_seed = seed if len(sources) == 1 else derive_seed(seed, 0x5EED, i)
+            trains.append(WindowDataset(train_paths, seq_len, source_seed, shuffle=True,
+                                        expected_fingerprint=fingerprint))
+            vals.append(WindowDataset(val_paths, seq_len, seed, shuffle=False, expected_fingerprint=fingerprint))
+        except ShardError as e:
+            raise ShardError(e.path, f"{str(e).split(': ', 1)[-1]} (data source {name})") from e
+        except ValueError as e:
+            raise ValueError(f"data source {name}: {e}") from e
+    if len(sources) == 1:
+        train, val = trains[0], vals[0]
     else:
-        root = Path(str(source)).expanduser()
-        if not root.is_dir():
-            raise ValueError(f"data.source {source!r} is neither 'builtin' nor an existing directory")
-        train_paths, val_paths = find_shards(root / "train"), find_shards(root / "val")
-    fingerprint = open_shard(train_paths[0]).tokenizer_fingerprint
-    tokenizer = tokenizer_from_fingerprint(fingerprint)
-    train = WindowDataset(train_paths, seq_len, seed, shuffle=True, expected_fingerprint=fingerprint)
-    val = WindowDataset(val_paths, seq_len, seed, shuffle=False, expected_fingerprint=fingerprint)
+        names, weights = [n for _, _, n in sources], [w for _, w, _ in sources]
+        train: Dataset = MixtureDataset(trains, weights, seed, names=names)
+        val = MixtureDataset(vals, weights, seed, names=names, shuffle=False)
     loader = TokenBatchLoader(train, global_batch_size, dp_rank=dp_rank, dp_world=dp_world, prefetch=prefetch)
     return loader, val, tokenizer

@@ -83,6 +83,106 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class ShardWriter:
+    """Streams documents into a new shard at `path`; `commit()` makes it appear, atomically.
+
+    Documents go to a temporary directory next to `path`, so the shard may be far larger than memory and a
+    crash leaves no half shard behind. Use it as a context manager: leaving the block without `commit()`
+    (or with an exception) discards everything written. Refuses to overwrite an existing `path`.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], tokenizer_fingerprint: str, vocab_size: int, eos_id: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.dest = Path(path)
+        if self.dest.exists():
+            raise FileExistsError(f"{self.dest}: shard already exists (shards are immutable; delete it first)")
+        self.dtype = token_dtype(vocab_size)
+        if not 0 <= eos_id < vocab_size:
+            raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size})")
+        self.fingerprint, self.vocab_size, self.eos_id = tokenizer_fingerprint, int(vocab_size), int(eos_id)
+        self.metadata = metadata or {}
+        self.num_tokens = self.num_docs = 0
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        self._tok_hash, self._doc_hash = hashlib.sha256(), hashlib.sha256()
+        self._ftok = open(self._tmp / TOKENS_FILE, "wb", buffering=_CHUNK)
+        self._fdoc = open(self._tmp / DOCS_FILE, "wb")
+        self._starts: list[int] = []
+        self._done = False
+
+    def add(self, doc: Any) -> None:
+        """Append one document (a sequence of integer ids); an EOS is appended after it."""
+        ids = np.asarray(doc).reshape(-1)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"document {self.num_docs} has dtype {ids.dtype}; token ids must be integers")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"document {self.num_docs} has token ids outside the vocabulary [0, {self.vocab_size})")
+        out = np.empty(ids.size + 1, dtype=self.dtype)
+        out[:-1] = ids
+        out[-1] = self.eos_id
+        raw = out.tobytes()
+        self._ftok.write(raw)
+        self._tok_hash.update(raw)
+        self._starts.append(self.num_tokens)
+        self.num_tokens += int(out.size)
+        self.num_docs += 1
+        if len(self._starts) >= 1 << 20:
+            self._flush_starts()
+
+    def _flush_starts(self) -> None:
+        if self._starts:
+            raw = np.asarray(self._starts, dtype="<u8").tobytes()
+            self._fdoc.write(raw)
+            self._doc_hash.update(raw)
+            self._starts.clear()
+
+    def commit(self) -> dict[str, Any]:
+        """Flush, write the manifest and rename the shard into place; returns the manifest."""
+        self._flush_starts()
+        for f in (self._ftok, self._fdoc):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "num_tokens": self.num_tokens,
+            "num_docs": self.num_docs,
+            "dtype": self.dtype.name,
+            "tokenizer_fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "tokens_sha256": self._tok_hash.hexdigest(),
+            "docs_sha256": self._doc_hash.hexdigest(),
+            "metadata": self.metadata,
+        }
+        with open(self._tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(self._tmp, self.dest)  # the commit point: fails rather than replace a shard that appeared meanwhile
+        fsync_dir(self.dest.parent)
+        self._done = True
+        return manifest
+
+    def abort(self) -> None:
+        """Discard everything written (no-op after `commit`)."""
+        if not self._done:
+            self._done = True
+            self._ftok.close()
+            self._fdoc.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
 def write_shard(
     path: str | os.PathLike[str],
     docs: Iterable[Any],
@@ -97,72 +197,10 @@ def write_shard(
     memory. `metadata` (JSON-serialisable) is stored in the manifest, e.g. where the text came from.
     Returns the manifest. Refuses to overwrite an existing `path` (shards are immutable).
     """
-    dest = Path(path)
-    if dest.exists():
-        raise FileExistsError(f"{dest}: shard already exists (shards are immutable; delete it first)")
-    dtype = token_dtype(vocab_size)
-    if not 0 <= eos_id < vocab_size:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size})")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        tok_hash, doc_hash = hashlib.sha256(), hashlib.sha256()
-        num_tokens = num_docs = 0
-        starts: list[int] = []
-        with open(tmp / TOKENS_FILE, "wb", buffering=_CHUNK) as ftok, open(tmp / DOCS_FILE, "wb") as fdoc:
-
-            def flush_starts() -> None:
-                if starts:
-                    raw = np.asarray(starts, dtype="<u8").tobytes()
-                    fdoc.write(raw)
-                    doc_hash.update(raw)
-                    starts.clear()
-
-            for i, doc in enumerate(docs):
-                ids = np.asarray(doc).reshape(-1)
-                if ids.size and not np.issubdtype(ids.dtype, np.integer):
-                    raise TypeError(f"document {i} has dtype {ids.dtype}; token ids must be integers")
-                if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-                    raise ValueError(f"document {i} has token ids outside the vocabulary [0, {vocab_size})")
-                out = np.empty(ids.size + 1, dtype=dtype)
-                out[:-1] = ids
-                out[-1] = eos_id
-                raw = out.tobytes()
-                ftok.write(raw)
-                tok_hash.update(raw)
-                starts.append(num_tokens)
-                num_tokens += int(out.size)
-                num_docs += 1
-                if len(starts) >= 1 << 20:
-                    flush_starts()
-            flush_starts()
-            for f in (ftok, fdoc):
-                f.flush()
-                os.fsync(f.fileno())
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "num_tokens": num_tokens,
-            "num_docs": num_docs,
-            "dtype": dtype.name,
-            "tokenizer_fingerprint": tokenizer_fingerprint,
-            "vocab_size": int(vocab_size),
-            "eos_id": int(eos_id),
-            "tokens_sha256": tok_hash.hexdigest(),
-            "docs_sha256": doc_hash.hexdigest(),
-            "metadata": metadata or {},
-        }
-        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, dest)  # the commit point: fails rather than replace a shard that appeared meanwhile
-        fsync_dir(dest.parent)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with ShardWriter(path, tokenizer_fingerprint, vocab_size, eos_id, metadata) as writer:
+        for doc in docs:
+            writer.add(doc)
+        return writer.commit()
 
 
 @dataclass

@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from data.builtin import builtin_corpus, default_cache_dir, is_validation
-from data.loader import (
-    FeistelPermutation,
-    TokenBatchLoader,
-    WindowDataset,
-    build_loaders,
-    eval_batches,
-)
+from data.dataset import FeistelPermutation, WindowDataset
+from data.loader import TokenBatchLoader, build_loaders, eval_batches
 from data.shards import ShardError, open_shard, token_dtype, write_shard
 from data.tokenizer import ByteTokenizer, tokenizer_from_fingerprint
 

@@ -19,10 +19,19 @@ from models.config import ConfigError, ModelConfig, unknown_key_message
 
 
 @dataclass
+class DataSourceConfig:
+    path: str = "builtin"  # "builtin" or a directory written by `python -m data.prepare`
+    weight: float = 1.0  # share of the training samples, normalised over the sources; must be > 0
+    name: str | None = None  # shown in messages; null = the path
+
+
+@dataclass
 class DataConfig:
     source: str = "builtin"  # "builtin" (stdlib corpus, built on first use) or a prepared shard directory
+    sources: list[DataSourceConfig] = field(default_factory=list)  # weighted mixture; replaces `source`
     cache_dir: str | None = None  # where the builtin corpus is cached; null = the user's cache dir
     seq_len: int = 256
+    prefetch: int = 2  # batches read ahead by the loader's background thread
 
 
 @dataclass
@@ -109,25 +118,11 @@ def _schema() -> DictConfig:
     return OmegaConf.structured(ExperimentConfig)
 
 
-def _valid_keys(schema: Any, dotted: str) -> tuple[list[str], str]:
-    """Keys valid at the parent of `dotted` and the parent's path."""
-    parts = dotted.split(".")
-    node = schema
-    for part in parts[:-1]:
-        if isinstance(node, DictConfig) and part in node:
-            node = node[part]
-        else:
-            break
-    parent = ".".join(parts[:-1])
-    keys = list(node.keys()) if isinstance(node, DictConfig) else []
-    return [str(k) for k in keys], parent
-
-
-def _unknown_key_error(schema: Any, key: str) -> ConfigError:
-    valid, parent = _valid_keys(schema, key)
+def _unknown_key_error(node: DictConfig, key: str) -> ConfigError:
+    """'did you mean' for `key` (dotted, full) given the schema `node` that should have held it."""
+    parent, _, leaf = key.rpartition(".")
     where = f"group '{parent}'" if parent else "the config (top level)"
-    leaf = key.split(".")[-1]
-    return ConfigError(unknown_key_message(leaf, valid, where) + f" [full key: {key}]")
+    return ConfigError(unknown_key_message(leaf, [str(k) for k in node.keys()], where) + f" [full key: {key}]")
 
 
 def _check_keys(schema: DictConfig, data: Any, prefix: str = "") -> None:
@@ -140,10 +135,15 @@ def _check_keys(schema: DictConfig, data: Any, prefix: str = "") -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in schema:
-            raise _unknown_key_error(_schema(), dotted)
+            raise _unknown_key_error(schema, dotted)
         sub = schema[key]
         if isinstance(sub, DictConfig) and dotted != "model.rope_scaling":
             _check_keys(sub, value, dotted + ".")
+        elif isinstance(sub, ListConfig) and isinstance(value, (list, ListConfig)):
+            item_type = sub._metadata.element_type  # a list of structured configs (e.g. data.sources)
+            if dataclasses.is_dataclass(item_type):
+                for i, item in enumerate(value):
+                    _check_keys(OmegaConf.structured(item_type), item, f"{dotted}[{i}].")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -199,6 +199,12 @@ def validate(cfg: ExperimentConfig) -> None:
          "parallel.activation_checkpointing must be none|selective|full, got "
          f"'{cfg.parallel.activation_checkpointing}'")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    need(cfg.data.prefetch >= 0, f"data.prefetch must be >= 0, got {cfg.data.prefetch}")
+    need(not (cfg.data.sources and cfg.data.source != "builtin"),
+         "set either data.source (one source) or data.sources (a mixture), not both")
+    for i, src in enumerate(cfg.data.sources):
+        need(src.weight > 0, f"data.sources[{i}].weight must be > 0, got {src.weight} (remove the source to "
+                             "leave it out)")
     need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}")
 
 

@@ -1,0 +1,588 @@
+"""`python -m data.prepare`: tokenize raw text into a directory of shards, in parallel and resumably.
+
+Input is either local files by glob (``.txt`` and any other text file: one document per file; ``.jsonl`` /
+``.json``: one JSON object per line with a text field; ``.parquet``: one row per document; ``.gz`` for
+compressed text/jsonl) or a Hugging Face `datasets` dataset, streamed. Output::
+
+    OUT/prepare.json      the plan: settings and work units (written first; a rerun must match it)
+    OUT/tokenizer.json    a copy of the tokenizer (absent for the built-in byte tokenizer)
+    OUT/train/part-NNNNNNNN/, OUT/val/part-NNNNNNNN/   one shard per work unit and split (data/shards.py)
+    OUT/dataset.json      written last: totals, dtype, tokenizer fingerprint and every shard's checksums
+
+**Work units.** Inputs are cut into units of about ``--unit-mb`` of raw text: large jsonl files by byte
+range (a line belongs to the range holding its first byte), parquet files by row groups, whole small files
+packed together; a streamed dataset by ``--docs-per-unit`` documents. Each unit becomes one train and one
+val shard, written by a worker process. Which document goes to validation is decided by a hash of its text
+(so duplicates land on the same side), never by position or worker.
+
+**Resuming.** Shards appear atomically, so after an interruption the same command finds the finished ones,
+skips them and writes only what is missing: nothing is rewritten or duplicated. A rerun with different
+settings or changed input files is refused (naming what changed) instead of mixing two datasets.
+`dataset.json` exists only when every unit is done; the loader refuses a directory without it.
+
+Empty documents are not written (they would be a lone EOS); they are counted and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from data.shards import MANIFEST_FILE, ShardError, ShardWriter, fsync_dir, is_shard, token_dtype
+from data.tokenizer import Tokenizer, load_tokenizer
+
+PLAN_FILE = "prepare.json"
+DATASET_FILE = "dataset.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPLITS = ("train", "val")
+PLAN_VERSION = 1
+_BATCH_DOCS = 256  # documents per tokenizer call: amortises the call, bounds the memory of one batch
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class PrepareError(ValueError):
+    """Bad input or settings for `prepare`; the message names the file, line or option at fault."""
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+def _kind(path: str) -> tuple[str, bool]:
+    """(format, gzipped) of an input file, from its name."""
+    name = path.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    if name.endswith(".parquet"):
+        if gz:
+            raise PrepareError(f"{path}: parquet files are compressed internally; do not gzip them")
+        return "parquet", False
+    return ("jsonl" if name.endswith(_JSON_SUFFIXES) else "text"), gz
+
+
+def expand_inputs(patterns: Iterable[str]) -> list[str]:
+    """Every file matched by the globs, sorted and de-duplicated; a glob that matches nothing is an error."""
+    files: set[str] = set()
+    for pattern in patterns:
+        matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+        if not matched:
+            raise PrepareError(f"input {pattern!r} matches no files")
+        files.update(os.path.abspath(p) for p in matched)
+    return sorted(files)
+
+
+def _pieces(path: str, unit_bytes: int) -> list[dict[str, Any]]:
+    """How one file is cut: byte ranges (jsonl), row-group ranges (parquet) or the whole file."""
+    kind, gz = _kind(path)
+    size = os.path.getsize(path)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise PrepareError(f"{path}: not a readable parquet file ({e})") from e
+        out, first, acc = [], 0, 0
+        for g in range(meta.num_row_groups):
+            acc += meta.row_group(g).total_byte_size
+            if acc >= unit_bytes or g == meta.num_row_groups - 1:
+                out.append({"path": path, "kind": kind, "start": first, "end": g + 1, "bytes": acc})
+                first, acc = g + 1, 0
+        return out
+    if kind == "jsonl" and not gz and size > unit_bytes:
+        return [{"path": path, "kind": kind, "start": a, "end": min(a + unit_bytes, size),
+                 "bytes": min(unit_bytes, size - a)} for a in range(0, size, unit_bytes)]
+    return [{"path": path, "kind": kind, "gz": gz, "start": 0, "end": size, "bytes": size}]
+
+
+def plan_units(files: list[str], unit_bytes: int) -> list[dict[str, Any]]:
+    """Pieces packed in order into units of about `unit_bytes` (a deterministic function of the inputs)."""
+    units: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
+    size = 0
+    for path in files:
+        for piece in _pieces(path, unit_bytes):
+            if current and size + piece["bytes"] > unit_bytes:
+                units.append({"id": len(units), "pieces": current, "bytes": size})
+                current, size = [], 0
+            current.append(piece)
+            size += piece["bytes"]
+    if current:
+        units.append({"id": len(units), "pieces": current, "bytes": size})
+    return units
+
+
+def _file_identity(files: list[str]) -> list[list[Any]]:
+    """(path, size, mtime) of each input: a rerun is refused if any changed underneath the plan."""
+    out = []
+    for p in files:
+        st = os.stat(p)
+        out.append([p, st.st_size, st.st_mtime_ns])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _text_field(obj: Any, field: str, where: str) -> str:
+    if not isinstance(obj, dict):
+        raise PrepareError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if field not in obj:
+        keys = ", ".join(sorted(map(str, obj))[:10]) or "none"
+        raise PrepareError(f"{where}: no field {field!r} (fields: {keys}); choose one with --text-field")
+    text = obj[field]
+    if not isinstance(text, str):
+        raise PrepareError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def _line_number(path: str, offset: int) -> int:
+    """1-based line number of byte `offset` (only computed for error messages)."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl_docs(piece: dict[str, Any], field: str) -> Iterator[str]:
+    path, start, end = piece["path"], piece["start"], piece["end"]
+    opener = gzip.open if piece.get("gz") else open
+    with opener(path, "rb") as f:
+        if start > 0:  # the line holding byte start-1 belongs to the previous piece
+            f.seek(start - 1)
+            f.readline()
+        pos = f.tell()
+        while pos < end:
+            line = f.readline()
+            if not line:
+                break
+            if line.strip():
+                where = f"{path}:{_line_number(path, pos) if not piece.get('gz') else '?'}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{where}: invalid JSON ({e.msg})") from None
+                except UnicodeDecodeError:
+                    raise PrepareError(f"{where}: not valid UTF-8") from None
+                yield _text_field(obj, field, where)
+            pos += len(line)
+
+
+def _parquet_docs(piece: dict[str, Any], field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    path = piece["path"]
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise PrepareError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                           f"choose one with --text-field")
+    for g in range(piece["start"], piece["end"]):
+        column = pf.read_row_group(g, columns=[field]).column(0)
+        for row, text in enumerate(column.to_pylist()):
+            if not isinstance(text, str):
+                raise PrepareError(f"{path}: row group {g} row {row}: column {field!r} is "
+                                   f"{type(text).__name__}, not a string")
+            yield text
+
+
+def read_documents(piece: dict[str, Any], text_field: str) -> Iterator[str]:
+    """The documents of one piece of an input file, in file order."""
+    if piece["kind"] == "jsonl":
+        yield from _jsonl_docs(piece, text_field)
+    elif piece["kind"] == "parquet":
+        yield from _parquet_docs(piece, text_field)
+    else:
+        opener = gzip.open if piece.get("gz") else open
+        with opener(piece["path"], "rb") as f:
+            yield _decode(f.read(), piece["path"])
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """The split of a document: a stable hash of its text, so the same text always lands on the same side."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h % 1_000_000 < round(val_fraction * 1_000_000)
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_spec: str, progress: Any) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processes are the parallelism
+    _worker["tokenizer"] = load_tokenizer(tokenizer_spec)
+    _worker["progress"] = progress
+
+
+def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    it = iter(docs)
+    while batch := list(islice(it, _BATCH_DOCS)):
+        yield batch
+
+
+def shard_name(unit_id: int) -> str:
+    return f"part-{unit_id:08d}"
+
+
+def process_unit(job: tuple[dict[str, Any], list[str] | None, str, dict[str, Any]]) -> dict[str, Any]:
+    """Tokenize one unit into its train and val shards (only those not already finished)."""
+    unit, texts, out, settings = job
+    tok: Tokenizer = _worker["tokenizer"]
+    progress = _worker.get("progress")
+    name = shard_name(unit["id"])
+    t0 = time.perf_counter()
+    stats = {"id": unit["id"], "bytes": 0, "tokens": 0, "docs": 0, "empty_docs": 0}
+    meta = {"unit": unit["id"], "plan": settings["plan_hash"]}
+    with contextlib.ExitStack() as stack:
+        writers: dict[str, ShardWriter | None] = {}
+        for split in SPLITS:
+            dest = Path(out) / split / name
+            writers[split] = None if is_shard(dest) else stack.enter_context(
+                ShardWriter(dest, tok.fingerprint, tok.vocab_size, tok.eos_id, {**meta, "split": split}))
+        docs: Iterable[str] = texts if texts is not None else (
+            d for piece in unit["pieces"] for d in read_documents(piece, settings["text_field"]))
+        for batch in _batches(docs):
+            arrays = tok.encode_batch_arrays(batch)
+            nbytes = ntok = 0
+            for text, ids in zip(batch, arrays, strict=True):
+                nbytes += len(text.encode("utf-8", "surrogatepass"))
+                if ids.size == 0:
+                    stats["empty_docs"] += 1
+                    continue
+                writer = writers["val" if is_validation(text, settings["val_fraction"]) else "train"]
+                if writer is not None:
+                    writer.add(ids)
+                ntok += int(ids.size) + 1
+                stats["docs"] += 1
+            stats["bytes"] += nbytes
+            stats["tokens"] += ntok
+            if progress is not None:
+                progress.put((nbytes, ntok))
+        for writer in writers.values():
+            if writer is not None:
+                writer.commit()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _plan_hash(plan: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _check_plan(out: Path, plan: dict[str, Any]) -> None:
+    """Write the plan on a first run; on a rerun insist it is the same (naming the first difference)."""
+    path = out / PLAN_FILE
+    if not path.exists():
+        _write_json_atomic(path, plan)
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PrepareError(f"{path}: unreadable plan of an earlier run ({e}); use a new --out") from e
+    for key in sorted(set(old) | set(plan)):
+        if old.get(key) != plan.get(key):
+            if key == "files":
+                before = {p[0]: p for p in old.get("files", [])}
+                for now in plan["files"]:
+                    if before.get(now[0]) != now:
+                        raise PrepareError(f"{now[0]}: input changed since the earlier run into {out} "
+                                           f"(size/mtime differ or the file is new); use a new --out")
+                raise PrepareError(f"inputs differ from the earlier run into {out} (files were removed); "
+                                   f"use a new --out")
+            raise PrepareError(f"'{key}' is {plan.get(key)!r} but the earlier run into {out} used "
+                               f"{old.get(key)!r}; rerun with the same settings to resume, or use a new --out")
+
+
+def _remove_stale_temps(out: Path) -> None:
+    for split in SPLITS:
+        for stale in (out / split).glob(".part-*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _unit_done(out: Path, unit_id: int) -> bool:
+    return all(is_shard(out / split / shard_name(unit_id)) for split in SPLITS)
+
+
+def write_dataset_manifest(out: Path, num_units: int) -> dict[str, Any]:
+    """Aggregate the shards' manifests into `dataset.json`, the marker of a complete dataset."""
+    splits: dict[str, Any] = {}
+    first: dict[str, Any] | None = None
+    for split in SPLITS:
+        shards, tokens, docs = [], 0, 0
+        for u in range(num_units):
+            mpath = out / split / shard_name(u) / MANIFEST_FILE
+            m = json.loads(mpath.read_text(encoding="utf-8"))
+            first = first or m
+            if (m["tokenizer_fingerprint"], m["dtype"]) != (first["tokenizer_fingerprint"], first["dtype"]):
+                raise ShardError(mpath, "tokenizer or dtype differs from the other shards of this dataset")
+            shards.append({"name": f"{split}/{shard_name(u)}", "num_tokens": m["num_tokens"],
+                           "num_docs": m["num_docs"], "tokens_sha256": m["tokens_sha256"],
+                           "docs_sha256": m["docs_sha256"]})
+            tokens += m["num_tokens"]
+            docs += m["num_docs"]
+        splits[split] = {"num_tokens": tokens, "num_docs": docs, "shards": shards}
+    assert first is not None
+    manifest = {
+        "format": "chogori-dataset", "version": 1, "tokenizer_fingerprint": first["tokenizer_fingerprint"],
+        "vocab_size": first["vocab_size"], "eos_id": first["eos_id"], "dtype": first["dtype"],
+        "splits": splits,
+    }
+    _write_json_atomic(out / DATASET_FILE, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One `prepare` per output directory at a time (a second one fails fast instead of racing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks: rely on the atomic shard renames alone
+        yield
+        return
+    with open(out / ".prepare.lock", "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepareError(f"{out}: another `python -m data.prepare` is writing here") from None
+        yield
+
+
+def prepare(
+    out: str | os.PathLike[str],
+    inputs: list[str] | None = None,
+    hf_dataset: dict[str, Any] | None = None,
+    tokenizer: str = "byte",
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    workers: int | None = None,
+    unit_mb: float = 256.0,
+    docs_per_unit: int = 100_000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build (or finish) the dataset at `out`; returns the dataset manifest. See the module doc."""
+    from tqdm import tqdm
+
+    if (inputs is None) == (hf_dataset is None):
+        raise PrepareError("give either --input globs or --hf-dataset, not both or neither")
+    if not 0 <= val_fraction < 1:
+        raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if unit_mb <= 0 or docs_per_unit < 1:
+        raise PrepareError("--unit-mb and --docs-per-unit must be positive")
+    out = Path(out).expanduser().resolve()
+    tok = load_tokenizer(tokenizer)
+    token_dtype(tok.vocab_size)  # fails early for a vocabulary that does not fit uint32
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    plan: dict[str, Any] = {"version": PLAN_VERSION, "tokenizer": tok.fingerprint, "text_field": text_field,
+                            "val_fraction": val_fraction}
+    units: list[dict[str, Any]] | None = None
+    if inputs is not None:
+        files = expand_inputs(inputs)
+        units = plan_units(files, int(unit_mb * 2**20))
+        plan.update(files=_file_identity(files), units=units)
+    else:
+        plan.update(hf_dataset=hf_dataset, docs_per_unit=docs_per_unit)
+    settings = {"text_field": text_field, "val_fraction": val_fraction, "plan_hash": _plan_hash(plan)}
+
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        _check_plan(out, plan)
+        if (out / DATASET_FILE).exists():
+            if progress:
+                print(f"{out}: already complete ({DATASET_FILE} exists); nothing to do", file=sys.stderr)
+            return json.loads((out / DATASET_FILE).read_text(encoding="utf-8"))
+        tok_spec = tokenizer
+        if getattr(tok, "path", None) is not None:
+            dest = out / TOKENIZER_FILE
+            if not dest.exists():
+                tmp = out / f".{TOKENIZER_FILE}.tmp"
+                tok.save(tmp)
+                os.replace(tmp, dest)
+            tok_spec = str(dest)
+        _remove_stale_temps(out)
+        for split in SPLITS:
+            (out / split).mkdir(exist_ok=True)
+
+        if units is not None:
+            todo = [u for u in units if not _unit_done(out, u["id"])]
+            jobs: Iterator[tuple[Any, ...]] = ((u, None, str(out), settings) for u in todo)
+            total_bytes = sum(u["bytes"] for u in todo)
+            skipped = len(units) - len(todo)
+        else:
+            jobs, total_bytes, skipped = _hf_jobs(out, hf_dataset or {}, text_field, docs_per_unit, settings), None, 0
+        started = time.perf_counter()
+        totals = {"bytes": 0, "tokens": 0, "docs": 0, "empty_docs": 0, "units": 0}
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress, smoothing=0.1,
+                   desc=f"prepare -> {out.name}" + (f" (resuming: {skipped} units done)" if skipped else ""))
+        max_id = -1
+        with bar:
+            for stats in _run_jobs(jobs, tok_spec, workers, bar, started):
+                for k in ("bytes", "tokens", "docs", "empty_docs"):
+                    totals[k] += stats[k]
+                totals["units"] += 1
+                max_id = max(max_id, stats["id"])
+        num_units = len(units) if units is not None else _hf_units_total(out, max_id)
+        if num_units == 0:
+            raise PrepareError("the input holds no documents")
+        manifest = write_dataset_manifest(out, num_units)
+        seconds = time.perf_counter() - started
+        if manifest["splits"]["train"]["num_tokens"] + manifest["splits"]["val"]["num_tokens"] == 0:
+            raise PrepareError("the input holds no non-empty documents")
+        if progress:
+            tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+            print(f"{out}: {tr['num_tokens']:,} train tokens ({tr['num_docs']:,} docs), {va['num_tokens']:,} val "
+                  f"tokens ({va['num_docs']:,} docs), dtype {manifest['dtype']}; this run: {totals['units']} "
+                  f"units, {totals['bytes'] / 2**20:.1f} MiB in {seconds:.1f} s "
+                  f"({totals['bytes'] / 2**20 / max(seconds, 1e-9):.1f} MiB/s, "
+                  f"{totals['tokens'] / max(seconds, 1e-9):,.0f} tokens/s), "
+                  f"{totals['empty_docs']} empty documents not written", file=sys.stderr)
+        manifest["run"] = {**totals, "seconds": seconds, "skipped_units": skipped, "workers": workers}
+        return manifest
+
+
+def _hf_jobs(
+    out: Path, spec: dict[str, Any], text_field: str, docs_per_unit: int, settings: dict[str, Any]
+) -> Iterator[tuple[Any, ...]]:
+    """Units of a streamed `datasets` dataset, read in stream order by this process; finished ones are
+    skipped (their documents are still streamed past, as a stream cannot seek)."""
+    import datasets
+
+    kwargs = {k: v for k, v in spec.items() if v is not None}
+    name = kwargs.pop("path")
+    try:
+        stream = datasets.load_dataset(name, streaming=True, **kwargs)
+    except Exception as e:  # datasets raises many types (missing dataset, no network, bad config)
+        raise PrepareError(f"--hf-dataset {name!r}: cannot open ({type(e).__name__}: {e})") from e
+    texts = (_text_field(row, text_field, f"--hf-dataset {name!r} row {i}") for i, row in enumerate(stream))
+    for unit_id in range(sys.maxsize):
+        chunk = list(islice(texts, docs_per_unit))
+        if not chunk:
+            _write_json_atomic(out / ".hf_units.json", {"units": unit_id})
+            return
+        if not _unit_done(out, unit_id):
+            yield ({"id": unit_id, "pieces": [], "bytes": 0}, chunk, str(out), settings)
+
+
+def _hf_units_total(out: Path, max_id: int) -> int:
+    path = out / ".hf_units.json"
+    return int(json.loads(path.read_text())["units"]) if path.exists() else max_id + 1
+
+
+def _run_jobs(
+    jobs: Iterator[tuple[Any, ...]], tok_spec: str, workers: int, bar: Any, started: float
+) -> Iterator[dict[str, Any]]:
+    """Run jobs on `workers` processes (0: in this process), feeding the progress bar as they go."""
+
+    def show(nbytes: int, ntok: int) -> None:
+        bar.update(nbytes)
+        bar.tokens = getattr(bar, "tokens", 0) + ntok
+        bar.set_postfix_str(f"{bar.tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s", refresh=False)
+
+    if workers == 0:
+        progress: queue.Queue[tuple[int, int]] = queue.Queue()
+        _init_worker(tok_spec, progress)
+        for job in jobs:
+            stats = process_unit(job)
+            while not progress.empty():
+                show(*progress.get_nowait())
+            yield stats
+        return
+    ctx = mp.get_context("spawn")  # no fork: the tokenizers library and threads do not survive it
+    updates = ctx.Queue()
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(tok_spec, updates)) as pool:
+        pending: set[cf.Future[dict[str, Any]]] = set()
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < 2 * workers:  # bounded: a stream may be endless
+                job = next(jobs, None)
+                if job is None:
+                    exhausted = True
+                else:
+                    pending.add(pool.submit(process_unit, job))
+            done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    show(*updates.get_nowait())
+            for fut in done:
+                yield fut.result()  # a worker's PrepareError surfaces here; finished shards stay finished
+        with contextlib.suppress(queue.Empty):
+            while True:
+                show(*updates.get(timeout=0.05))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
+        epilog="Rerun the same command after an interruption to finish the missing shards.")
+    src = p.add_argument_group("input (one of)")
+    src.add_argument("--input", action="append", metavar="GLOB",
+                     help="local files: txt (one document per file), jsonl, parquet, .gz; repeatable")
+    src.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face datasets name or builder (json, parquet, "
+                     "text), streamed")
+    src.add_argument("--hf-config", default=None, help="the dataset's configuration name")
+    src.add_argument("--hf-split", default="train", help="the split to read (default train)")
+    src.add_argument("--hf-data-files", action="append", default=None, metavar="GLOB",
+                     help="data_files for builders like json/parquet")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json (default byte)")
+    p.add_argument("--text-field", default="text", help="the text field of jsonl/parquet/datasets rows")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count; 0 = inline)")
+    p.add_argument("--unit-mb", type=float, default=256.0, help="raw text per work unit / shard (default 256)")
+    p.add_argument("--docs-per-unit", type=int, default=100_000, help="documents per unit for --hf-dataset")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    a = p.parse_args(argv)
+    hf = None
+    if a.hf_dataset:
+        hf = {"path": a.hf_dataset, "name": a.hf_config, "split": a.hf_split, "data_files": a.hf_data_files}
+    try:
+        prepare(a.out, inputs=a.input, hf_dataset=hf, tokenizer=a.tokenizer, text_field=a.text_field,
+                val_fraction=a.val_fraction, workers=a.workers, unit_mb=a.unit_mb, docs_per_unit=a.docs_per_unit,
+                progress=not a.quiet)
+    except (PrepareError, ShardError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["PrepareError", "prepare", "plan_units", "expand_inputs", "read_documents", "is_validation"]

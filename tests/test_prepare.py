@@ -1,0 +1,212 @@
+"""`python -m data.prepare`: real files in, real shards out; resumable, deterministic, loud on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.dataset import open_source
+from data.prepare import PrepareError, expand_inputs, plan_units, prepare, read_documents
+from data.shards import ShardError, open_shard
+from data.tokenizer import ByteTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _docs(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "δέλτα", "東京", "🙂", "x", "", "line\nbreak", 'quote "q"']
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) + f" #{i}" for i in range(n)]
+
+
+def _write_jsonl(path: Path, texts: list[str], field: str = "text") -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": i, field: t}, ensure_ascii=i % 2 == 0) + "\n")
+
+
+def _all_docs(out: Path) -> Counter[str]:
+    """Every document in the prepared dataset, decoded (a multiset)."""
+    tok = ByteTokenizer()
+    train, val = open_source(str(out))
+    found: Counter[str] = Counter()
+    for path in train + val:
+        shard = open_shard(path, verify_checksum=True)
+        for i in range(shard.num_docs):
+            found[tok.decode(shard.document(i))] += 1
+    return found
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> tuple[Path, Counter[str]]:
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = _docs(300)
+    _write_jsonl(src / "a.jsonl", texts[:200])
+    _write_jsonl(src / "b.jsonl", texts[200:250])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": texts[250:290], "n": list(range(40))}), src / "c.parquet", row_group_size=7)
+    for i, t in enumerate(texts[290:]):
+        (src / f"d{i}.txt").write_text(t, encoding="utf-8")
+    (src / "empty.txt").write_text("")
+    return src, Counter(texts)
+
+
+def test_byte_ranges_and_row_groups_cover_every_document_once(inputs: tuple[Path, Counter[str]]) -> None:
+    src, expected = inputs
+    files = expand_inputs([str(src / "*")])
+    for unit_bytes in (1, 13, 256, 4096, 1 << 30):
+        units = plan_units(files, unit_bytes)
+        got = Counter(d for u in units for p in u["pieces"] for d in read_documents(p, "text") if d)
+        assert got == expected, unit_bytes
+        if unit_bytes == 13:
+            assert len(units) > 100  # the jsonl files really were cut into many byte ranges
+
+
+def test_prepare_writes_every_document_once_with_a_hash_split(
+    inputs: tuple[Path, Counter[str]], tmp_path: Path
+) -> None:
+    src, expected = inputs
+    out = tmp_path / "out"
+    manifest = prepare(out, inputs=[str(src / "*")], val_fraction=0.2, workers=0, unit_mb=0.002, progress=False)
+    assert _all_docs(out) == expected
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert len(train["shards"]) == len(val["shards"]) > 3
+    assert 0.1 < val["num_docs"] / (train["num_docs"] + val["num_docs"]) < 0.3
+    assert manifest["dtype"] == "uint16" and manifest["run"]["empty_docs"] == 1
+    shard = open_shard(open_source(str(out))[0][0])
+    assert int(shard.tokens[-1]) == ByteTokenizer().eos_id
+    # The split is a property of the text: the same document always lands on the same side.
+    from data.prepare import is_validation
+
+    val_docs = Counter()
+    for path in open_source(str(out))[1]:
+        s = open_shard(path)
+        val_docs.update(ByteTokenizer().decode(s.document(i)) for i in range(s.num_docs))
+    assert all(is_validation(t, 0.2) for t in val_docs)
+
+
+def test_workers_give_the_same_bytes_as_inline(inputs: tuple[Path, Counter[str]], tmp_path: Path) -> None:
+    src, _ = inputs
+    a = prepare(tmp_path / "a", inputs=[str(src / "*")], workers=0, unit_mb=0.004, progress=False)
+    b = prepare(tmp_path / "b", inputs=[str(src / "*")], workers=2, unit_mb=0.004, progress=False)
+    for split in ("train", "val"):
+        assert a["splits"][split]["shards"] == b["splits"][split]["shards"]
+
+
+def test_cli_progress_and_summary(inputs: tuple[Path, Counter[str]], tmp_path: Path) -> None:
+    src, _ = inputs
+    res = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(src / "*.jsonl"), "--out",
+                          str(tmp_path / "o"), "--workers", "1", "--unit-mb", "0.01"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "tok/s" in res.stderr and "train tokens" in res.stderr and "MiB/s" in res.stderr
+
+
+def test_resume_after_sigkill_finishes_without_rewriting(tmp_path: Path) -> None:
+    """Kill a real run mid-way; the rerun keeps every finished shard (same inode) and writes only the rest."""
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = _docs(12_000, seed=1)
+    for k in range(6):
+        _write_jsonl(src / f"part{k}.jsonl", texts[k * 2000 : (k + 1) * 2000])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data.prepare", "--input", str(src / "*.jsonl"), "--out", str(out),
+           "--workers", "0", "--unit-mb", "0.02", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / "train").glob("part-*"))) < 3:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_ino for p in (out / "train").glob("part-*")}
+    assert finished and not (out / "dataset.json").exists(), "the run ended before it could be interrupted"
+    with pytest.raises(ShardError, match="incomplete"):
+        open_source(str(out))
+    (out / "train" / ".part-99999999.tmp-x").mkdir()  # a crashed writer's leftover
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert {p: p.stat().st_ino for p in finished} == finished  # not rewritten
+    assert not list((out / "train").glob(".part-*"))
+    assert _all_docs(out) == Counter(texts)  # nothing lost, nothing duplicated
+    clean = prepare(tmp_path / "clean", inputs=[str(src / "*.jsonl")], workers=0, unit_mb=0.02, progress=False)
+    resumed = json.loads((out / "dataset.json").read_text())
+    assert resumed["splits"] == {k: {kk: vv for kk, vv in v.items()} for k, v in clean["splits"].items()}
+
+
+def test_rerun_with_other_settings_or_changed_input_is_refused(inputs: tuple[Path, Counter[str]],
+                                                                tmp_path: Path) -> None:
+    src, _ = inputs
+    out = tmp_path / "out"
+    prepare(out, inputs=[str(src / "*.jsonl")], workers=0, progress=False)
+    with pytest.raises(PrepareError, match="'val_fraction' is 0.5 but the earlier run"):
+        prepare(out, inputs=[str(src / "*.jsonl")], val_fraction=0.5, workers=0, progress=False)
+    again = prepare(out, inputs=[str(src / "*.jsonl")], workers=0, progress=False)  # complete: nothing to do
+    assert "run" not in again
+    os.utime(src / "a.jsonl", ns=(1, 1))
+    with pytest.raises(PrepareError, match="a.jsonl: input changed"):
+        prepare(out, inputs=[str(src / "*.jsonl")], workers=0, progress=False)
+
+
+def test_hf_datasets_streaming_source(inputs: tuple[Path, Counter[str]], tmp_path: Path) -> None:
+    """The `datasets` path, streamed, through its local json builder (no network)."""
+    src, expected = inputs
+    out = tmp_path / "hf"
+    spec = {"path": "json", "data_files": [str(src / "a.jsonl"), str(src / "b.jsonl")], "split": "train"}
+    manifest = prepare(out, hf_dataset=spec, workers=0, docs_per_unit=60, progress=False)
+    local = Counter({t: c for t, c in expected.items() if any(t == x for x in _docs(300)[:250])})
+    assert _all_docs(out) == local
+    assert len(manifest["splits"]["train"]["shards"]) == 5  # 250 docs / 60 per unit
+    again = prepare(out, hf_dataset=spec, workers=0, docs_per_unit=60, progress=False)
+    assert again["splits"] == {k: v for k, v in manifest["splits"].items()}
+
+
+@pytest.mark.parametrize("case", ["no_match", "bad_json", "no_field", "not_string", "parquet_column", "not_utf8",
+                                  "empty", "val_fraction"])
+def test_bad_input_names_the_culprit(case: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_jsonl(src / "ok.jsonl", ["fine"] * 3)
+    pattern, kwargs, match = str(src / "*.jsonl"), {}, ""
+    if case == "no_match":
+        pattern, match = str(src / "*.nothing"), r"\*\.nothing' matches no files"
+    elif case == "bad_json":
+        (src / "z.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
+        match = r"z\.jsonl:2: invalid JSON"
+    elif case == "no_field":
+        (src / "z.jsonl").write_text('{"text": "a"}\n\n{"body": "b", "id": 1}\n')
+        match = r"z\.jsonl:3: no field 'text' \(fields: body, id\)"
+    elif case == "not_string":
+        (src / "z.jsonl").write_text('{"text": 5}\n')
+        match = r"z\.jsonl:1: field 'text' is int"
+    elif case == "parquet_column":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"content": ["a"]}), src / "z.parquet")
+        pattern, match = str(src / "*.parquet"), r"z\.parquet: no column 'text' \(columns: content\)"
+    elif case == "not_utf8":
+        (src / "z.txt").write_bytes(b"caf\xe9")
+        pattern, match = str(src / "*.txt"), r"z\.txt: not valid UTF-8"
+    elif case == "empty":
+        (src / "e1.txt").write_text("")
+        pattern, match = str(src / "e*.txt"), "no non-empty documents"
+    elif case == "val_fraction":
+        kwargs, match = {"val_fraction": 1.0}, "--val-fraction must be in"
+    with pytest.raises(PrepareError, match=match):
+        prepare(tmp_path / "out", inputs=[pattern], workers=0, progress=False, **kwargs)
+    res = subprocess.run([sys.executable, "-m", "data.prepare", "--input", pattern, "--out", str(tmp_path / "o2"),
+                          "--workers", "0", "--quiet", *(["--val-fraction", "1.0"] if kwargs else [])],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
