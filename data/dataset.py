@@ -30,6 +30,7 @@ import math
 import operator
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -258,8 +259,8 @@ class MixtureDataset:
     """Sources mixed by weight; sample ``g`` is a pure function of (seed, g) (see the module doc).
 
     `sources` are datasets with ``gather``/``seq_len`` (normally `WindowDataset`s); `weights` are positive
-    and normalised here. Weights are resolved to whole slots out of ``resolution`` by largest remainder,
-    then reduced by their gcd, so ``[1, 1]`` gives blocks of 2 and ``[0.7, 0.3]`` blocks of 10. ``len()``
+    and normalised here, then resolved to whole slots in the smallest block that holds them (``[1, 1]`` gives
+    blocks of 2, ``[1, 1, 1]`` of 3, ``[0.7, 0.3]`` of 10; at most ``resolution``). ``len()``
     is the number of samples before any source would wrap into its second epoch.
     """
 
@@ -279,13 +280,11 @@ class MixtureDataset:
         if len(seq_lens) != 1:
             raise ValueError(f"all sources must have the same seq_len, got {sorted(seq_lens)}")
         self.sources, self.names, self.seq_len = list(sources), names, seq_lens.pop()
-        self.slots = _largest_remainder([float(w) for w in weights], resolution)
+        self.slots = _resolve_slots([float(w) for w in weights], resolution)
         for name, w, n in zip(names, weights, self.slots, strict=True):
             if n == 0:
                 raise ValueError(f"{name}: weight {w} is below the mixture resolution 1/{resolution} of the "
                                  f"total {sum(weights)}; raise it or remove the source")
-        common = reduce(math.gcd, self.slots)
-        self.slots = [n // common for n in self.slots]
         self.block = sum(self.slots)
         self.slot_starts = np.cumsum([0, *self.slots])  # slots [start_s, start_s + n_s) belong to source s
         self.weights = [n / self.block for n in self.slots]
@@ -332,15 +331,25 @@ class MixtureDataset:
         return self.gather(np.arange(start, start + count, dtype=np.uint64))
 
 
-def _largest_remainder(weights: list[float], total: int) -> list[int]:
-    """Integers proportional to `weights` that sum to `total` (Hamilton's method; ties go to the first)."""
-    scale = total / sum(weights)
-    exact = [w * scale for w in weights]
-    counts = [int(math.floor(x)) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
+def _resolve_slots(weights: list[float], resolution: int) -> list[int]:
+    """Whole slots per source in the smallest block that holds the weights' proportions.
+
+    Simple ratios are kept exactly (1:1:1 gives blocks of 3, 0.7:0.3 blocks of 10); anything needing a
+    block larger than `resolution` is rounded to `resolution` slots by largest remainder (Hamilton).
+    """
+    total = sum(Fraction(w).limit_denominator(10**9) for w in weights)
+    shares = [(Fraction(w).limit_denominator(10**9) / total).limit_denominator(resolution) for w in weights]
+    block = reduce(math.lcm, (f.denominator for f in shares), 1)
+    if sum(shares) == 1 and block <= resolution:
+        slots = [int(f * block) for f in shares]
+    else:
+        exact = [w * resolution / sum(weights) for w in weights]
+        slots = [int(math.floor(x)) for x in exact]
+        order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - slots[i]), i))
+        for i in order[: resolution - sum(slots)]:
+            slots[i] += 1
+    common = reduce(math.gcd, slots)
+    return [n // common for n in slots] if common else slots
 
 
 def find_shards(directory: str | os.PathLike[str]) -> list[str]:

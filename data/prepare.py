@@ -546,6 +546,35 @@ def _run_jobs(
                 show(*updates.get(timeout=0.05))
 
 
+def verify(out: str | os.PathLike[str], progress: bool = True) -> dict[str, Any]:
+    """Re-hash every shard of a finished dataset against its manifest and `dataset.json` (reads everything).
+
+    Opening a dataset for training checks only sizes (it must start in a second at any scale); run this
+    after copying a dataset or when a storage fault is suspected. Raises `ShardError` naming the bad file.
+    """
+    from tqdm import tqdm
+
+    from data.shards import open_shard
+
+    root = Path(out)
+    path = root / DATASET_FILE
+    if not path.exists():
+        raise ShardError(path, "missing: the dataset is unfinished (rerun prepare) or this is not a dataset")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    entries = [sh for split in SPLITS for sh in manifest["splits"][split]["shards"]]
+    itemsize = token_dtype(manifest["vocab_size"]).itemsize
+    with tqdm(total=sum(sh["num_tokens"] * itemsize for sh in entries), unit="B", unit_scale=True,
+              disable=not progress, desc=f"verify {root.name}") as bar:
+        for sh in entries:
+            shard = open_shard(root / sh["name"], expected_fingerprint=manifest["tokenizer_fingerprint"],
+                               verify_checksum=True)
+            for key in ("num_tokens", "num_docs", "tokens_sha256", "docs_sha256"):
+                if shard.manifest[key] != sh[key]:
+                    raise ShardError(root / sh["name"] / MANIFEST_FILE, f"{key} differs from {path}")
+            bar.update(sh["num_tokens"] * itemsize)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
@@ -567,7 +596,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unit-mb", type=float, default=256.0, help="raw text per work unit / shard (default 256)")
     p.add_argument("--docs-per-unit", type=int, default=100_000, help="documents per unit for --hf-dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--verify", action="store_true", help="re-hash every shard of the finished dataset at --out")
     a = p.parse_args(argv)
+    if a.verify:
+        try:
+            m = verify(a.out, progress=not a.quiet)
+        except (ShardError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        n = sum(len(m["splits"][s]["shards"]) for s in SPLITS)
+        print(f"{a.out}: all {n} shards match their checksums", file=sys.stderr)
+        return 0
     hf = None
     if a.hf_dataset:
         hf = {"path": a.hf_dataset, "name": a.hf_config, "split": a.hf_split, "data_files": a.hf_data_files}
@@ -585,4 +624,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["PrepareError", "prepare", "plan_units", "expand_inputs", "read_documents", "is_validation"]
+__all__ = ["PrepareError", "prepare", "verify", "plan_units", "expand_inputs", "read_documents", "is_validation"]

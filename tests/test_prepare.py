@@ -210,3 +210,47 @@ def test_bad_input_names_the_culprit(case: str, tmp_path: Path) -> None:
                           "--workers", "0", "--quiet", *(["--val-fraction", "1.0"] if kwargs else [])],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_verify_finds_a_flipped_byte(inputs: tuple[Path, Counter[str]], tmp_path: Path) -> None:
+    from data.prepare import verify
+
+    src, _ = inputs
+    out = tmp_path / "out"
+    prepare(out, inputs=[str(src / "*")], workers=0, progress=False)
+    verify(out, progress=False)
+    victim = open_source(str(out))[0][-1]
+    tokens = Path(victim) / "tokens.bin"
+    raw = bytearray(tokens.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    tokens.write_bytes(bytes(raw))
+    res = subprocess.run([sys.executable, "-m", "data.prepare", "--out", str(out), "--verify", "--quiet"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 2 and f"{tokens}: checksum mismatch" in res.stderr
+
+
+def test_bpe_dataset_trains_end_to_end(tmp_path: Path) -> None:
+    """Train a BPE, prepare with it, and run the trainer on the result: the tokenizer is found by fingerprint."""
+    import sysconfig
+
+    from data.loader import build_loaders
+    from data.tokenizer import HFTokenizer, train_bpe
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in (stdlib / "json").glob("*.py")) + [str(stdlib / "textwrap.py")]
+    tok = train_bpe(files, 300, str(tmp_path / "bpe.json"), show_progress=False)
+    out = tmp_path / "ds"
+    prepare(out, inputs=files, tokenizer=str(tmp_path / "bpe.json"), val_fraction=0.3, workers=0, progress=False)
+    assert (out / "tokenizer.json").exists()
+    loader, _, found = build_loaders({"source": str(out), "prefetch": 0}, 32, 4, seed=0)
+    assert isinstance(found, HFTokenizer) and found.fingerprint == tok.fingerprint
+    shard = open_shard(open_source(str(out))[0][0])
+    assert found.decode(shard.document(0)) in {Path(f).read_text() for f in files}
+    loader.close()
+    res = subprocess.run([sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                          f"data.source={out}", f"train.out_dir={tmp_path / 'run'}", "train.steps=3",
+                          "data.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=4",
+                          "train.eval_interval=0", "logging.progress=false", "optim.warmup_steps=1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
