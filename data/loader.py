@@ -31,6 +31,21 @@ def _to_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
+def document_positions(inputs: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, document_ids), both [B, S], of packed windows, for document-masked attention.
+
+    A document starts after each EOS (the EOS itself ends the previous document); the window's first
+    token starts document 0 wherever it falls in its document. Positions restart at 0 in each document.
+    Everything follows from the tokens, so any loader and any resumed run produce the same masks.
+    """
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 1:] = inputs[:, :-1] == eos_id
+    document_ids = starts.long().cumsum(dim=1)
+    index = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # start of own document
+    return index - first, document_ids
+
+
 class TokenBatchLoader:
     """Infinite iterator of this rank's ``(inputs, targets)`` LongTensors, each ``[G // dp_world, seq_len]``.
 

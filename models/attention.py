@@ -48,7 +48,11 @@ class MLAttention(nn.Module):
     def reset_max_logit(self) -> None:
         self.max_logit.fill_(float("-inf"))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [B, S, hidden]. `mask`: optional bool [B, 1, S, S], True where attention is allowed (it must
+        already be causal, e.g. from `document_mask`); None means plain causal attention."""
         cfg = self.cfg
         b, s, _ = x.shape
         h, d_nope, d_rope, d_v = self.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -69,21 +73,22 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(b, h, s, d_rope)], dim=-1)
 
         if cfg.attn_impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
             with torch.no_grad():
-                self._track_max_logit(torch.matmul(q, k.transpose(-2, -1)) * self.scale)
+                self._track_max_logit(torch.matmul(q, k.transpose(-2, -1)) * self.scale, mask)
         else:
             scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
-            scores = self._track_max_logit(scores)
+            scores = self._track_max_logit(scores, mask)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(probs, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, h * d_v))
 
-    def _track_max_logit(self, scores: torch.Tensor) -> torch.Tensor:
-        """Mask the future with -inf and fold the per-head max of the allowed logits into `max_logit`."""
-        s_q, s_k = scores.shape[-2:]
-        causal = torch.ones(s_q, s_k, dtype=torch.bool, device=scores.device).tril(s_k - s_q)
-        scores = scores.masked_fill(~causal, float("-inf"))
+    def _track_max_logit(self, scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask disallowed logits with -inf and fold the per-head max of the allowed ones into `max_logit`."""
+        if mask is None:
+            s_q, s_k = scores.shape[-2:]
+            mask = torch.ones(s_q, s_k, dtype=torch.bool, device=scores.device).tril(s_k - s_q)
+        scores = scores.masked_fill(~mask, float("-inf"))
         with torch.no_grad():
             current = scores.detach().amax(dim=(0, 2, 3)).float()
             torch.maximum(self.max_logit, current, out=self.max_logit)

@@ -44,15 +44,24 @@ class Block(nn.Module):
         self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size,
                                                                                 cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
-                                                                                         torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h)
         else:
             y, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
         return x + y, aux
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention within documents: bool [B, 1, S, S], True where query i may attend to key j."""
+    s = document_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same & causal)[:, None]
 
 
 class Transformer(nn.Module):
@@ -70,15 +79,24 @@ class Transformer(nn.Module):
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids: [B, S] -> logits [B, S, vocab] (in the compute dtype) and the balance loss."""
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids: [B, S] -> logits [B, S, vocab] (in the compute dtype) and the balance loss.
+
+        `positions` ([S] or [B, S]) are the rotary positions (default 0..S-1). `document_ids` ([B, S]) turn
+        on document masking for packed sequences: a token attends only to earlier tokens of its own document
+        (pass positions that restart at each document too; `data.loader.document_positions` gives both).
+        """
         x = self.embed_tokens(input_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = self.rotary(positions, x.dtype)
+        mask = None if document_ids is None else document_mask(document_ids)
         balance = torch.zeros((), device=x.device, dtype=torch.float32)
         for block in self.layers.values():
-            x, aux = block(x, rope)
+            x, aux = block(x, rope, mask)
             balance = balance + aux
         return ModelOutput(logits=self.lm_head(self.norm(x)), balance_loss=balance)
 

@@ -468,3 +468,40 @@ def test_from_hf_config_released_style():
     assert again.rope_scaling["factor"] == 32.0 and again.rope_theta == 50000.0
     assert again.replace(rope_scaling=None) == cfg.replace(rope_scaling=None)
     assert {k: v for k, v in again.rope_scaling.items()} == cfg.rope_scaling
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_document_masking_equals_each_document_alone_in_transformers(tmp_path, attn_impl):
+    """Packed documents with `document_ids` (and positions restarting per document) give, token for token,
+    the logits transformers gives each document run on its own; the max-logit tracker sees only allowed
+    pairs."""
+    from data.loader import document_positions
+
+    cfg = make_config({}).replace(attn_impl=attn_impl)
+    ours = make_ours(cfg, seed=3)
+    export_hf(ours, tmp_path / "ckpt", dtype=torch.float32)
+    hf = load_hf(tmp_path / "ckpt")
+    eos = cfg.vocab_size - 1
+    g = gen(5)
+    docs = [torch.randint(0, eos, (n,), generator=g).tolist() + [eos] for n in (6, 1, 9, 4)]
+    packed = torch.tensor([sum(docs, [])[:-1]])  # the window ends just before the last EOS
+    positions, document_ids = document_positions(packed, eos)
+    assert document_ids[0].tolist() == sum(([i] * len(d) for i, d in enumerate(docs)), [])[:-1]
+    with torch.no_grad():
+        ours.reset_max_logits()
+        masked = ours(packed, positions=positions, document_ids=document_ids).logits[0]
+        packed_max = torch.stack(list(ours.max_logits().values()))
+        plain = ours(packed).logits[0]
+        start, alone_max = 0, None
+        for d in docs:
+            ids = torch.tensor([d[: packed.shape[1] - start]])
+            n = ids.shape[1]
+            expected = hf(ids).logits[0]
+            assert max_diff(masked[start : start + n], expected) <= LOGIT_TOL, (start, n)
+            ours.reset_max_logits()
+            ours(ids)
+            m = torch.stack(list(ours.max_logits().values()))
+            alone_max = m if alone_max is None else torch.maximum(alone_max, m)
+            start += n
+    torch.testing.assert_close(packed_max, alone_max, rtol=1e-5, atol=1e-5)
+    assert max_diff(masked[6:], plain[6:]) > 1e-2  # without the mask, later documents see earlier ones

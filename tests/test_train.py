@@ -197,3 +197,20 @@ def test_qk_clip_runs_in_the_trainer(tmp_path: Path, cache_dir: str) -> None:
     # The clip runs after the optimizer update, so the next forward sees every head near tau (a new batch and
     # the shifted inputs of deeper layers move it a little); without the clip the logits are well above.
     assert seen["0.05"][1]["max_logit"] < 2 * 0.05 < seen["100.0"][1]["max_logit"]
+
+
+def test_document_masking_changes_the_loss_and_trains(tmp_path: Path, cache_dir: str) -> None:
+    from data.prepare import prepare
+
+    src = tmp_path / "docs.jsonl"  # short documents, so every window packs several of them
+    src.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(3000)))
+    prepare(tmp_path / "ds", inputs=[str(src)], val_fraction=0.05, workers=0, progress=False)
+    losses = {}
+    for masking in (False, True):
+        cfg = load_config(TINY, small_overrides(tmp_path / str(masking), cache_dir, **{
+            "train.steps": 3, "data.document_masking": masking, "data.source": tmp_path / "ds"}))
+        trainer = Trainer(cfg)
+        losses[masking] = [trainer.train_step()["loss"] for _ in range(3)]
+        trainer.close()
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
+    assert losses[True][-1] != losses[False][-1]  # the mask reaches the model

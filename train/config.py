@@ -32,6 +32,7 @@ class DataConfig:
     cache_dir: str | None = None  # where the builtin corpus is cached; null = the user's cache dir
     seq_len: int = 256
     prefetch: int = 2  # batches read ahead by the loader's background thread
+    document_masking: bool = False  # attend only within each packed document (positions restart per document)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
-from data.loader import build_loaders, eval_batches
+from data.loader import build_loaders, document_positions, eval_batches
 from models import Transformer
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
 from optim.qk_clip import qk_clip_
@@ -119,8 +119,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = inputs.to(self.device, non_blocking=True)
+        extra = {}
+        if self.cfg.data.document_masking:  # packed documents do not attend to each other
+            extra = dict(zip(("positions", "document_ids"), document_positions(inputs, self.tokenizer.eos_id),
+                             strict=True))
         with self._autocast():
-            out = self.model(inputs.to(self.device, non_blocking=True))
+            out = self.model(inputs, **extra)
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.to(self.device).flatten())
         return lm, out.balance_loss
 
