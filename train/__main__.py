@@ -31,14 +31,21 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
 
-    from train.trainer import Trainer
+    from train.trainer import Trainer, TrainingDiverged
 
     trainer = Trainer(cfg)
     try:
         result = trainer.run()
+    except TrainingDiverged as e:
+        if trainer.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         trainer.close()
-    if trainer.rank == 0 and result.get("first_loss") is not None:
+    if trainer.rank == 0 and result.get("stopped_by"):
+        print(f"stopped by {result['stopped_by']} after step {result['step']}; the checkpoint is saved and "
+              f"rerunning the same command resumes from it", file=sys.stderr)
+    elif trainer.rank == 0 and result.get("first_loss") is not None:
         print(f"done: loss {result['first_loss']:.4f} -> {result['loss']:.4f} over steps 1..{result['step']}")
     return 0
 

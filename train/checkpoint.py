@@ -37,9 +37,9 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,38 +86,89 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     return path
 
 
+class Checkpointer:
+    """Writes checkpoints `step-<N>` atomically, optionally in the background, and prunes old ones.
+
+    With `async_save`, `save` returns once the state is staged (copied to CPU memory): DCP writes it from a
+    background thread while training continues, over a dedicated gloo group so its collectives never
+    interleave with the training ones. The checkpoint becomes visible (marker + rename) in `poll`, at the
+    first step boundary where every rank's write has finished, or in `wait`. One save is in flight at most.
+    """
+
+    def __init__(self, out_dir: str | Path, keep_last: int, async_save: bool = False,
+                 device: torch.device | None = None) -> None:
+        self.out_dir, self.keep_last, self.async_save = Path(out_dir), keep_last, async_save
+        self.device = device or torch.device("cpu")  # where the training group's collectives run
+        self._pending: tuple[Any, Path, Path, int, str] | None = None
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._group = dist.new_group(backend="gloo") if async_save and distributed else None
+        if async_save and not distributed:  # the writer thread warns outside `_quiet`; one process is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             train_state: dict[str, Any], config_yaml: str) -> Path | None:
+        """Write `step-<step>`; returns its path, or None while an async write is still in flight."""
+        self.wait()
+        root = checkpoint_root(self.out_dir)
+        final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+        if _rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash during an earlier attempt at this step
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+        model_sd, optim_sd = _state_dicts(model, optimizer)
+        torch.save({**train_state, "rng": rng_state()}, tmp / f"train_state-rank{_rank()}.pt")
+        with _quiet():
+            if self.async_save:
+                future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
+                                        process_group=self._group)
+                self._pending = (future, tmp, final, step, config_yaml)
+                return None
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        return self._finalize(tmp, final, step, config_yaml)
+
+    def poll(self) -> Path | None:
+        """Publish the in-flight checkpoint if every rank has finished writing it (call at step boundaries)."""
+        if self._pending is None:
+            return None
+        # Asked on the training group, from this thread: the writer thread may be using the gloo group.
+        busy = torch.tensor([0.0 if self._pending[0].done() else 1.0], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+        return self.wait() if busy.item() == 0.0 else None
+
+    def wait(self) -> Path | None:
+        """Block until the in-flight checkpoint is written, then publish it."""
+        if self._pending is None:
+            return None
+        future, tmp, final, step, config_yaml = self._pending
+        self._pending = None
+        future.result()
+        return self._finalize(tmp, final, step, config_yaml)
+
+    def _finalize(self, tmp: Path, final: Path, step: int, config_yaml: str) -> Path:
+        _barrier(self._group)
+        if _rank() == 0:
+            (tmp / "config.yaml").write_text(config_yaml)
+            fsync_dir(tmp)
+            (tmp / COMPLETE).write_text(f"step {step}\n")
+            if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old one
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the commit point: the checkpoint exists complete, or not at all
+            fsync_dir(final.parent)
+            for _, old in list_checkpoints(self.out_dir)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(self._group)
+        return final
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict[str, Any], config_yaml: str, keep_last: int) -> Path:
-    """Write checkpoint `step-<step>` atomically and prune all but the newest `keep_last` complete ones."""
-    root = checkpoint_root(out_dir)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crash during an earlier attempt at this step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
-
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    with _quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({**train_state, "rng": rng_state()}, tmp / f"train_state-rank{rank}.pt")
-    _barrier()
-
-    if rank == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
-        fsync_dir(tmp)
-        (tmp / COMPLETE).write_text(f"step {step}\n")
-        if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old one
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        for _, old in list_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+    """Write checkpoint `step-<step>` synchronously (see `Checkpointer`)."""
+    path = Checkpointer(out_dir, keep_last).save(step, model, optimizer, train_state, config_yaml)
+    assert path is not None
+    return path
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,

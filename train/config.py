@@ -77,6 +77,8 @@ class TrainConfig:
     eval_interval: int = 100  # steps between validation passes; 0 = never
     eval_batches: int = 4
     threads: int | None = None  # torch CPU threads; null = torch's default
+    max_bad_steps: int = 5  # non-finite loss/grad-norm steps in a row that are skipped before the run stops
+    sample_log: bool = False  # append each rank's global sample indices per step to <out_dir>/samples/
 
 
 @dataclass
@@ -85,6 +87,7 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir) | none | a checkpoint path
     save_final: bool = True
+    async_save: bool = False  # write in the background (state staged in CPU memory) while training goes on
 
 
 @dataclass
@@ -199,6 +202,7 @@ def validate(cfg: ExperimentConfig) -> None:
     need(cfg.parallel.activation_checkpointing in ("none", "selective", "full"),
          "parallel.activation_checkpointing must be none|selective|full, got "
          f"'{cfg.parallel.activation_checkpointing}'")
+    need(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     need(cfg.data.prefetch >= 0, f"data.prefetch must be >= 0, got {cfg.data.prefetch}")
     need(not (cfg.data.sources and cfg.data.source != "builtin"),

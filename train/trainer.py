@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from parallel import (
     init_distributed,
     parallelize,
 )
-from train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from train.checkpoint import Checkpointer, list_checkpoints, load_checkpoint, resolve_resume
 from train.config import ExperimentConfig, to_yaml
 from train.metrics import MetricsLogger
 
@@ -65,6 +67,13 @@ def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | 
     model.to_empty(device=device)
     model.init_weights(seed=cfg.train.seed)
     return model
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the message names the last good checkpoint."""
+
+
+_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # what schedulers (Slurm: --signal, preemption) send before a kill
 
 
 class Trainer:
@@ -107,10 +116,26 @@ class Trainer:
         if resume is not None:
             state = load_checkpoint(resume, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
+            # The optimizer state carries the LR of the saved run's schedule; take this config's instead (the
+            # same value on a plain resume, the right one when a run is extended with a larger train.steps).
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
             self.train_loader.load_state_dict(state["data"])
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.resumed_from = resume
         self.metrics = MetricsLogger(cfg, self.out_dir, rank=self.rank, resumed_step=self.step)
+        self.checkpointer = Checkpointer(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
+                                         device=self.device)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0) if resume is not None else 0  # skipped updates
+        self._bad_in_a_row = 0
+        self._stop_signal: int | None = None
+        self._sample_log = None
+        if t.sample_log:
+            log_dir = self.out_dir / "samples"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._sample_log = open(log_dir / f"rank{self.rank}.txt", "a", encoding="utf-8")  # noqa: SIM115
 
     # --- one optimizer step ---------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -133,7 +158,12 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         t0 = time.perf_counter()
+        loader = self.train_loader
+        first_sample = loader.samples_consumed + loader.dp_rank * loader.local_batch_size
         inputs, targets = next(self.train_loader)
+        if self._sample_log is not None:  # append-only, survives restarts: which samples each step trained on
+            self._sample_log.write(f"{self.step + 1} {first_sample} {first_sample + inputs.shape[0]}\n")
+            self._sample_log.flush()
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         mb = cfg.train.micro_batch_size
@@ -146,25 +176,36 @@ class Trainer:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(model.parameters(), clip)  # global norm over all ranks' shards
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        loss, aux = all_reduce_mean([(lm_sum / self.accum_steps).item(), (aux_sum / self.accum_steps).item()],
+                                    self.device)
+        # Every rank sees the same global loss and norm, so all of them take the same branch.
+        finite = math.isfinite(loss) and math.isfinite(grad_norm.item())
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        loads = model.update_router_biases(reduce=all_reduce_sum)  # global load: the same update everywhere
+        self.scheduler.step()  # the schedule follows the step count, skipped or not
 
-        # QK-Clip (K2): per-head max logits of this step, global over ranks, rescale heads above tau.
-        max_logits = model.max_logits()
-        layers = sorted(max_logits)
-        per_head = all_reduce_max(torch.stack([max_logits[i] for i in layers]).to(self.device))
-        clipped = {}
-        if cfg.optim.qk_clip_tau is not None:
-            clipped = qk_clip_(model, dict(zip(layers, per_head, strict=True)), tau=cfg.optim.qk_clip_tau)
+        if finite:
+            self._bad_in_a_row = 0
+            loads = model.update_router_biases(reduce=all_reduce_sum)  # global load: the same update everywhere
+            # QK-Clip (K2): per-head max logits of this step, global over ranks, rescale heads above tau.
+            max_logits = model.max_logits()
+            layers = sorted(max_logits)
+            per_head = all_reduce_max(torch.stack([max_logits[i] for i in layers]).to(self.device))
+            clipped = {}
+            if cfg.optim.qk_clip_tau is not None:
+                clipped = qk_clip_(model, dict(zip(layers, per_head, strict=True)), tau=cfg.optim.qk_clip_tau)
+        else:
+            self._skip_bad_step(loss, grad_norm.item())
+            loads, layers, clipped = {}, [], {}
+            per_head = torch.empty(0, 1)
+            for moe in model.moe_layers():
+                moe.expert_load.zero_()
         model.reset_max_logits()
 
         self.step += 1
         tokens = inputs.numel() * self.world
         self.tokens_seen += tokens
-        loss, aux = all_reduce_mean([(lm_sum / self.accum_steps).item(), (aux_sum / self.accum_steps).item()],
-                                    self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -177,8 +218,9 @@ class Trainer:
             "tokens_per_s": tokens / dt,
             "tokens_seen": self.tokens_seen,
             "step_time_s": dt,
-            "max_logit": per_head.max().item(),
+            "max_logit": per_head.max().item() if per_head.numel() else float("nan"),
             "qk_clip/heads_clipped": sum(clipped.values()),
+            "nonfinite_steps": self.nonfinite_steps,
         }
         for layer, row in zip(layers, per_head.tolist(), strict=True):
             rec[f"attn/max_logit/layer{layer}"] = max(row)
@@ -191,6 +233,21 @@ class Trainer:
         for layer, moe_bias in self._router_bias_spread().items():
             rec[f"moe/bias_spread/layer{layer}"] = moe_bias
         return rec
+
+    def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
+        """A NaN/Inf loss or gradient: the update was not applied. Count it; stop after too many in a row."""
+        self.nonfinite_steps += 1
+        self._bad_in_a_row += 1
+        limit = max(1, self.cfg.train.max_bad_steps)
+        self.metrics.event(f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; update "
+                           f"skipped ({self._bad_in_a_row} in a row, limit {limit})")
+        if self._bad_in_a_row >= limit:
+            ckpts = list_checkpoints(self.out_dir)
+            last = f"the last good checkpoint is {ckpts[-1][1]}" if ckpts else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"stopping: {self._bad_in_a_row} steps in a row (up to step {self.step + 1}) had a non-finite loss "
+                f"or gradient norm (train.max_bad_steps={self.cfg.train.max_bad_steps}); {last}. Lower optim.lr, "
+                f"check the data around these steps, or resume from an earlier checkpoint.")
 
     def _router_bias_spread(self) -> dict[int, float]:
         out = {}
@@ -222,13 +279,43 @@ class Trainer:
         return {"step": self.step, "split": "val", "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     # --- checkpointing --------------------------------------------------------------------------
-    def save(self) -> Path:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen,
+    def save(self, wait: bool = False) -> Path | None:
+        """Checkpoint the current step (in the background with `checkpoint.async_save`, unless `wait`)."""
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_steps,
                  "scheduler": self.scheduler.state_dict(), "data": self.train_loader.state_dict()}
-        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, to_yaml(self.cfg),
-                               keep_last=self.cfg.checkpoint.keep_last)
-        self.metrics.event(f"saved checkpoint {path}")
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state, to_yaml(self.cfg))
+        if wait:
+            path = self.checkpointer.wait() or path
+        if path is not None:
+            self.metrics.event(f"saved checkpoint {path}")
         return path
+
+    # --- signals ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Any:
+        """SIGTERM / SIGUSR1 only set a flag; the loop saves and exits at the next step boundary."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+
+        for name in _STOP_SIGNALS:
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                previous[sig] = signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (a scheduler may signal only some of them)."""
+        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
+        return bool(all_reduce_max(flag).item()) if self.world > 1 else flag.item() == 1.0
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -249,24 +336,37 @@ class Trainer:
         bar = _progress(t.steps, self.step, enabled=cfg.logging.progress and self.rank == 0)
         last: dict[str, Any] = {}
         first_loss = None
-        while self.step < t.steps:
-            rec = self.train_step()
-            first_loss = rec["loss"] if first_loss is None else first_loss
-            last = rec
-            echo = self.step % t.log_interval == 0 or self.step == t.steps
-            self.metrics.log(rec, echo=echo)
-            if bar is not None:
-                bar.update(1)
-            if t.eval_interval and self.step % t.eval_interval == 0:
-                self.metrics.log(self.evaluate())
-            if ck.interval and self.step % ck.interval == 0 and self.step < t.steps:
-                self.save()
+        stopped_by = None
+        with self._stop_on_signals():
+            while self.step < t.steps:
+                rec = self.train_step()
+                first_loss = rec["loss"] if first_loss is None else first_loss
+                last = rec
+                echo = self.step % t.log_interval == 0 or self.step == t.steps
+                self.metrics.log(rec, echo=echo)
+                if bar is not None:
+                    bar.update(1)
+                if t.eval_interval and self.step % t.eval_interval == 0:
+                    self.metrics.log(self.evaluate())
+                published = self.checkpointer.poll()
+                if published is not None:
+                    self.metrics.event(f"saved checkpoint {published}")
+                if self._stop_requested():
+                    stopped_by = signal.Signals(self._stop_signal).name if self._stop_signal else "another rank"
+                    self.metrics.event(f"{stopped_by} received: saving step {self.step} and exiting")
+                    break
+                if ck.interval and self.step % ck.interval == 0 and self.step < t.steps:
+                    self.save()
         if bar is not None:
             bar.close()
-        if ck.save_final and last:
-            self.save()
+        if (ck.save_final or stopped_by) and last:
+            self.save(wait=True)
+        else:
+            self.checkpointer.wait()
+        if self._sample_log is not None:
+            self._sample_log.close()
         self.metrics.close()
-        return {"first_loss": first_loss, **last}
+        return {"first_loss": first_loss, "stopped_by": stopped_by, **last}
 
     def close(self) -> None:
         """Leave the process group (torchrun ranks); a no-op in one process."""

@@ -1,0 +1,318 @@
+"""`python -m models.export CHECKPOINT_DIR OUT_DIR`: real training checkpoints (one process, and 4 gloo ranks with
+experts sharded) exported to the released layout, checked with `transformers` and against DCP's own
+full-tensor conversion; plus the refusals (incomplete checkpoints, bad paths, config/weights mismatch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+from models import ModelConfig, Transformer
+from models.export import main, read_model_config, resolve_checkpoint
+from models.hf import from_hf_tensors, read_hf_tensors
+from train.config import load_config
+from train.trainer import Trainer
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+LOGIT_TOL = 1e-4
+# the tiny preset shrunk so a step takes tens of milliseconds (as tests/test_train.py does)
+FAST = {"data.seq_len": 64, "train.global_batch_size": 8, "train.eval_interval": 0, "logging.progress": False}
+
+
+def overrides(**kv: object) -> list[str]:
+    return [f"{k}={v}" for k, v in {**FAST, **kv}.items()]
+
+
+def export_cli(*args: object) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "models.export", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def load_hf(path: Path) -> torch.nn.Module:
+    model, info = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    return model.eval()
+
+
+@torch.no_grad()
+def logits_diff(ours: Transformer, hf_dir: Path, vocab: int, seq: int = 48) -> float:
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
+    ours.eval()
+    a = ours(ids).logits
+    b = load_hf(hf_dir)(ids).logits
+    assert a.shape == b.shape
+    return (a.double() - b.double()).abs().max().item()
+
+
+def full_model_tensors(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors, full size, by DCP's own converter (independent of models.export)."""
+    dcp_to_torch_save(str(ckpt), str(tmp / "full.pt"))
+    return torch.load(tmp / "full.pt", weights_only=False)["model"]
+
+
+def exported_tensors(out: Path, ckpt: Path) -> dict[str, torch.Tensor]:
+    return from_hf_tensors(read_hf_tensors(out), read_model_config(ckpt))
+
+
+# --- fixtures: real training runs -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("corpus-cache"))
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> tuple[Path, Trainer]:
+    """3 steps in this process, checkpoints at steps 2 and 3; the trainer (model at step 3) is kept."""
+    out = tmp_path_factory.mktemp("single")
+    cfg = load_config(TINY, overrides(**{"train.out_dir": out, "data.cache_dir": cache_dir, "train.steps": 3,
+                                         "train.micro_batch_size": 4, "optim.warmup_steps": 2,
+                                         "checkpoint.interval": 2}))
+    trainer = Trainer(cfg)
+    trainer.run()
+    return out, trainer
+
+
+@pytest.fixture(scope="module")
+def four_rank_launch(tmp_path_factory: pytest.TempPathFactory, single_run: tuple,
+                     cache_dir: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Start (in the background, so it overlaps the single-process tests) 1 step on 4 gloo ranks with expert
+    parallelism 2: experts Shard(0) over ep, FSDP2 over dp. `single_run` has built the corpus cache."""
+    out = tmp_path_factory.mktemp("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "train",
+           "--config", str(TINY), *overrides(**{"train.out_dir": out, "data.cache_dir": cache_dir,
+                                                "train.steps": 1, "train.micro_batch_size": 2,
+                                                "optim.warmup_steps": 1, "parallel.ep": 2})]
+    with open(out / "torchrun.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    yield proc, out
+    if proc.poll() is None:  # a test failed before waiting for it: stop this launcher's process group
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def four_rank_run(four_rank_launch: tuple[subprocess.Popen, Path]) -> Path:
+    proc, out = four_rank_launch
+    try:
+        rc = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        rc = None
+    log = (out / "torchrun.log").read_text()
+    assert rc == 0, log[-5000:]
+    return out
+
+
+# --- exports checked with transformers ------------------------------------------------------------
+def test_cli_exports_newest_checkpoint_of_a_run_with_the_trainers_logits(single_run, four_rank_launch,
+                                                                          tmp_path) -> None:
+    # (four_rank_launch: the 4-rank run starts now and trains while this test and the next run)
+    run_dir, trainer = single_run
+    out = tmp_path / "hf"
+    done = export_cli(run_dir, out, "--dtype", "fp32")  # a run dir: the newest complete checkpoint, step 3
+    assert done.returncode == 0, done.stderr
+    assert "step 3" in done.stdout and "fp32" in done.stdout and f"{trainer.model.num_params():,}" in done.stdout
+    assert "model.safetensors.index.json" in done.stdout and "config.json" in done.stdout
+    assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_v3"
+
+    diff = logits_diff(trainer.model, out, trainer.cfg.model.vocab_size)
+    assert diff < LOGIT_TOL, diff
+    # bit-exact against DCP's own conversion, the moved router correction bias included
+    ckpt = run_dir / "checkpoints" / "step-3"
+    full, got = full_model_tensors(ckpt, tmp_path), exported_tensors(out, ckpt)
+    assert full.keys() == got.keys()
+    assert all(torch.equal(full[k], got[k]) for k in full)
+    assert full["layers.1.mlp.gate.e_score_correction_bias"].abs().max() > 0  # it moved: a real check
+
+
+def test_default_dtype_is_bf16_and_step_selects_a_checkpoint(single_run, tmp_path, capsys) -> None:
+    run_dir, _ = single_run
+    out = tmp_path / "hf"
+    assert main([str(run_dir / "checkpoints"), str(out), "--step", "2"]) == 0
+    assert "step 2" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ckpt = run_dir / "checkpoints" / "step-2"
+    full = full_model_tensors(ckpt, tmp_path)
+    with safe_open(str(out / "model-00001-of-00001.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        bias = f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias")
+        embed = f.get_tensor("model.embed_tokens.weight")
+        assert {f.get_tensor(n).dtype for n in names if not n.endswith("e_score_correction_bias")} == {
+            torch.bfloat16}
+    assert bias.dtype == torch.float32 and torch.equal(bias, full["layers.1.mlp.gate.e_score_correction_bias"])
+    assert torch.equal(embed, full["embed_tokens.weight"].to(torch.bfloat16))
+    # exporting again over an earlier export replaces it
+    assert main([str(ckpt), str(out), "--dtype", "fp32"]) == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, single_run, cache_dir, tmp_path,
+                                                             capsys, monkeypatch) -> None:
+    ckpt = four_rank_run / "checkpoints" / "step-1"
+    assert len(list(ckpt.glob("train_state-rank*.pt"))) == 4
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    experts = meta["model.layers.1.mlp.experts.gate_proj"]
+    assert len(experts.chunks) > 1 and all(c.sizes[0] < experts.size[0] for c in experts.chunks)  # sharded
+
+    read: list[str] = []  # what DCP reads: the model's tensors only, never the optimizer state
+    real_read_data = FileSystemReader.read_data
+    monkeypatch.setattr(FileSystemReader, "read_data", lambda self, plan, planner: (
+        read.extend(item.storage_index.fqn for item in plan.items), real_read_data(self, plan, planner))[1])
+    out = tmp_path / "hf"
+    assert main([str(ckpt), str(out), "--dtype", "fp32"]) == 0
+    assert "step 1" in capsys.readouterr().out
+    assert read and all(k.startswith("model.") for k in read) and any(k.startswith("optim.") for k in meta)
+    assert set(read) == {k for k in meta if k.startswith("model.")}
+    full, got = full_model_tensors(ckpt, tmp_path), exported_tensors(out, ckpt)
+    assert full.keys() == got.keys()
+    assert all(torch.equal(full[k], got[k]) for k in full)
+
+    # A single-process trainer resumed from the 4-rank checkpoint (no step runs) gives transformers' logits.
+    cfg = load_config(TINY, overrides(**{"train.out_dir": tmp_path / "resumed", "data.cache_dir": cache_dir,
+                                         "train.steps": 1, "train.micro_batch_size": 4, "optim.warmup_steps": 1,
+                                         "checkpoint.resume": ckpt}))
+    resumed = Trainer(cfg)
+    assert resumed.step == 1
+    diff = logits_diff(resumed.model, out, cfg.model.vocab_size)
+    assert diff < LOGIT_TOL, diff
+    # and the 4-rank weights are not the single-process run's (the comparison has teeth)
+    assert not torch.equal(got["layers.1.mlp.experts.gate_proj"],
+                           single_run[1].model.layers["1"].mlp.experts.gate_proj.detach())
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize("lm_head_stored", [True, False], ids=["both-keys", "embedding-only"])
+def test_tied_embeddings_one_or_two_keys(tmp_path, lm_head_stored) -> None:
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      first_k_dense_replace=0, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                      num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16, n_group=1, topk_group=1,
+                      max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=True)
+    model = Transformer(cfg)
+    model.init_weights(seed=3)
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(1)) * 0.1)
+    sd = get_model_state_dict(model)  # what the trainer saves: both keys, one tensor
+    assert {"embed_tokens.weight", "lm_head.weight"} <= sd.keys()
+    if not lm_head_stored:
+        sd.pop("lm_head.weight")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-7"
+    dcp.save({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}))
+    (ckpt / "COMPLETE").write_text("step 7\n")
+
+    out = tmp_path / "hf"
+    assert main([str(tmp_path / "run"), str(out), "--dtype", "fp32"]) == 0
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in read_hf_tensors(out)
+    assert logits_diff(model, out, cfg.vocab_size, seq=16) < LOGIT_TOL
+
+
+# --- refusals -------------------------------------------------------------------------------------
+def copy_checkpoint(src: Path, dst: Path, complete: bool = True) -> Path:
+    shutil.copytree(src, dst, ignore=None if complete else shutil.ignore_patterns("COMPLETE"))
+    return dst
+
+
+def test_incomplete_checkpoints_are_refused_and_never_chosen(single_run, tmp_path, capsys) -> None:
+    src = single_run[0] / "checkpoints"
+    root = tmp_path / "run" / "checkpoints"
+    copy_checkpoint(src / "step-2", root / "step-2")
+    copy_checkpoint(src / "step-3", root / "step-5", complete=False)  # newer, but half written
+    (root / ".tmp-step-6").mkdir()  # a save in progress
+
+    assert resolve_checkpoint(tmp_path / "run") == root / "step-2"
+    assert resolve_checkpoint(root) == root / "step-2"
+    assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert "step 2" in capsys.readouterr().out
+
+    for argv in ([str(root / "step-5"), str(tmp_path / "x")],
+                 [str(tmp_path / "run"), str(tmp_path / "x"), "--step", "5"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "incomplete" in err and str(root / "step-5") in err and "COMPLETE" in err
+    assert main([str(tmp_path / "run"), str(tmp_path / "x"), "--step", "4"]) == 2
+    assert "no checkpoint step-4" in capsys.readouterr().err
+
+    shutil.rmtree(root / "step-2")  # only the incomplete one left
+    assert main([str(tmp_path / "run"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no complete checkpoint" in err and str(root) in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_paths_exit_2_naming_the_path(single_run, tmp_path, capsys) -> None:
+    missing = tmp_path / "no-such-run"
+    assert main([str(missing), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), str(tmp_path / "x")]) == 2
+    assert str(empty) in capsys.readouterr().err
+    # exporting into the run (export_hf replaces OUT_DIR wholesale) or over unrelated files is refused
+    run_dir = single_run[0]
+    assert main([str(run_dir), str(run_dir / "checkpoints")]) == 2
+    assert "must not be the checkpoint" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main([str(run_dir), str(other)]) == 2
+    assert "not an earlier export" in capsys.readouterr().err and (other / "notes.txt").exists()
+    with pytest.raises(SystemExit) as exc:  # argparse: bad --dtype
+        main([str(run_dir), str(tmp_path / "x"), "--dtype", "fp8"])
+    assert exc.value.code == 2
+
+
+def test_config_not_matching_the_weights_lists_the_keys(single_run, tmp_path, capsys) -> None:
+    ckpt = copy_checkpoint(single_run[0] / "checkpoints" / "step-3", tmp_path / "step-3")
+    doc = yaml.safe_load((ckpt / "config.yaml").read_text())
+    doc["model"]["num_hidden_layers"] = 5  # one layer more than the checkpoint holds
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(doc))
+    assert main([str(ckpt), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "missing from the checkpoint" in err and "layers.4.self_attn.o_proj.weight" in err
+    doc["model"]["num_hidden_layers"] = 3  # one layer fewer
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(doc))
+    assert main([str(ckpt), str(tmp_path / "x")]) == 2
+    assert "lacks" in (err := capsys.readouterr().err) and "layers.3.mlp.gate.weight" in err
+    doc["model"]["num_hidden_layers"] = 4
+    doc["model"]["moe_intermediate_size"] = 64  # same keys, other shapes
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(doc))
+    assert main([str(ckpt), str(tmp_path / "x")]) == 2
+    assert "layers.1.mlp.experts.gate_proj (8, 96, 128) vs (8, 64, 128)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_damaged_checkpoint_is_a_one_line_error(single_run, tmp_path, capsys) -> None:
+    """DCP reports a failed read as CheckpointException (a BaseException): still exit 2 with one line."""
+    ckpt = copy_checkpoint(single_run[0] / "checkpoints" / "step-3", tmp_path / "step-3")
+    (data,) = ckpt.glob("*.distcp")
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    assert main([str(ckpt), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ckpt}: reading the model tensors failed") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
