@@ -100,9 +100,21 @@ class WandbConfig:
 
 
 @dataclass
+class SpikeConfig:
+    window: int = 100  # recent steps the baseline (median) and spread (robust std of differences) use
+    threshold: float = 6.0  # a spike is loss > baseline + threshold * spread
+    min_rel_spread: float = 0.01  # spread floor, as a fraction of the baseline (plateaus are not spiky)
+    warmup: int = 20  # steps seen before anything is flagged
+
+
+@dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True  # a progress bar on an interactive terminal
+    tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard
+    peak_tflops: float | None = None  # per-device peak for MFU; null = known GPUs' dense bf16 peak, else none
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    expert_load_interval: int = 10  # steps between per-expert load shares in the JSONL (K2: 23k numbers each)
 
 
 @dataclass
@@ -202,6 +214,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(cfg.parallel.activation_checkpointing in ("none", "selective", "full"),
          "parallel.activation_checkpointing must be none|selective|full, got "
          f"'{cfg.parallel.activation_checkpointing}'")
+    need(cfg.optim.warmup_steps <= t.steps, f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed "
+                                            f"train.steps ({t.steps}); lower it for a short run")
+    need(cfg.logging.expert_load_interval >= 1, "logging.expert_load_interval must be >= 1")
     need(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     need(cfg.data.prefetch >= 0, f"data.prefetch must be >= 0, got {cfg.data.prefetch}")

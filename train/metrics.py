@@ -15,7 +15,30 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from train.config import ExperimentConfig, to_dict
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets), for MFU when logging.peak_tflops is not set.
+_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+                ("A100", 312.0), ("L40S", 362.0))
+
+
+def detect_peak_tflops(device: torch.device) -> float | None:
+    """The known peak of this GPU, or None (CPU, unknown GPU): then MFU is not reported rather than guessed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_TFLOPS if key in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: CUDA memory allocated by tensors on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def format_step_line(rec: dict[str, Any], total_steps: int) -> str:
@@ -24,6 +47,8 @@ def format_step_line(rec: dict[str, Any], total_steps: int) -> str:
     if rec.get("balance_loss"):
         parts.append(f"aux {rec['balance_loss']:.2e}")
     parts += [f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+    if rec.get("mfu") is not None:
+        parts.append(f"mfu {100 * rec['mfu']:.1f}%")
     if "max_logit" in rec:
         parts.append(f"max-logit {rec['max_logit']:.1f}")
     return " | ".join(parts)
@@ -34,6 +59,7 @@ class MetricsLogger:
         self.enabled = rank == 0
         self.total_steps = cfg.train.steps
         self._wandb = None
+        self._tb: Any = None
         self._file = None
         if not self.enabled:
             return
@@ -44,6 +70,12 @@ class MetricsLogger:
         self._file = path.open("a", buffering=1)
         if cfg.logging.wandb.mode != "disabled":
             self._wandb = _init_wandb(cfg, out_dir)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events of steps after the checkpoint (to be replayed) are dropped, as in the JSONL
+            purge = resumed_step + 1 if resumed_step else None
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
 
     def log(self, rec: dict[str, Any], *, echo: bool = True) -> None:
         if not self.enabled:
@@ -51,9 +83,12 @@ class MetricsLogger:
         rec = {**rec, "time": round(time.time(), 3)}
         assert self._file is not None
         self._file.write(json.dumps(_jsonable(rec)) + "\n")
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"},
-                            step=rec["step"])
+        scalars = {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        if self._wandb is not None:  # scalars only: per-expert load lists stay in the JSONL (and the report)
+            self._wandb.log(scalars, step=rec["step"])
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, global_step=rec["step"])
         if echo:
             if rec.get("split") == "val":
                 line = f"eval step {rec['step']} | val loss {rec['val_loss']:.4f} | val ppl {rec['val_ppl']:.2f}"
@@ -72,6 +107,9 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def _init_wandb(cfg: ExperimentConfig, out_dir: Path) -> Any:

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from data.loader import build_loaders, document_positions, eval_batches
 from models import Transformer
+from models.plan import flops_per_token
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
 from optim.qk_clip import qk_clip_
 from parallel import (
@@ -38,7 +39,8 @@ from parallel import (
 )
 from train.checkpoint import Checkpointer, list_checkpoints, load_checkpoint, resolve_resume
 from train.config import ExperimentConfig, to_yaml
-from train.metrics import MetricsLogger
+from train.metrics import MetricsLogger, detect_peak_tflops, peak_memory_gb
+from train.spikes import SpikeDetector
 
 
 def pick_device(name: str) -> torch.device:
@@ -129,6 +131,11 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
                                          device=self.device)
         self.nonfinite_steps = state.get("nonfinite_steps", 0) if resume is not None else 0  # skipped updates
+        self.spikes = SpikeDetector(**dataclasses.asdict(cfg.logging.spike))
+        if resume is not None and "spikes" in state:
+            self.spikes.load_state_dict(state["spikes"])
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # the same count as models.plan
+        self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(self.device)
         self._bad_in_a_row = 0
         self._stop_signal: int | None = None
         self._sample_log = None
@@ -176,8 +183,12 @@ class Trainer:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(model.parameters(), clip)  # global norm over all ranks' shards
         lr = self.optimizer.param_groups[0]["lr"]
-        loss, aux = all_reduce_mean([(lm_sum / self.accum_steps).item(), (aux_sum / self.accum_steps).item()],
-                                    self.device)
+        # Means over all ranks weighted by their tokens (equal today, but the formula stays right if not).
+        ntok = float(targets.numel())
+        sums = all_reduce_sum(torch.stack([lm_sum / self.accum_steps * ntok, aux_sum / self.accum_steps * ntok,
+                                           torch.tensor(ntok, device=self.device)]))
+        lm_loss, aux = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        loss = lm_loss + aux  # what the gradients are of
         # Every rank sees the same global loss and norm, so all of them take the same branch.
         finite = math.isfinite(loss) and math.isfinite(grad_norm.item())
         if finite:
@@ -209,23 +220,41 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        spike = self.spikes.update(loss)
+        if spike.spike:
+            self.metrics.event(f"loss spike at step {self.step}: {loss:.4f} vs running median {spike.baseline:.4f} "
+                               f"({spike.score:.1f} robust std above; {self.spikes.count} so far)")
+        tflops = self.flops_per_token * tokens / dt / self.world / 1e12  # achieved, per device
         rec: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
+            "lm_loss": lm_loss,
             "balance_loss": aux,
             "lr": lr,
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tokens / dt,
             "tokens_seen": self.tokens_seen,
             "step_time_s": dt,
+            "tflops": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "peak_mem_gb": peak_memory_gb(self.device),
             "max_logit": per_head.max().item() if per_head.numel() else float("nan"),
             "qk_clip/heads_clipped": sum(clipped.values()),
+            "spike": spike.spike,
+            "spikes": self.spikes.count,
+            "loss_baseline": spike.baseline,
             "nonfinite_steps": self.nonfinite_steps,
         }
+        for layer, n in clipped.items():
+            rec[f"qk_clip/heads_clipped/layer{layer}"] = n
         for layer, row in zip(layers, per_head.tolist(), strict=True):
             rec[f"attn/max_logit/layer{layer}"] = max(row)
         for layer, load in loads.items():
-            rec[f"moe/load_imbalance/layer{layer}"] = (load.max() / load.float().mean().clamp(min=1e-9)).item()
+            load = load.float()
+            rec[f"moe/load_imbalance/layer{layer}"] = (load.max() / load.mean().clamp(min=1e-9)).item()
+            if self.step % cfg.logging.expert_load_interval == 0 or self.step == 1:  # shares, for the heatmap
+                shares = (load / load.sum().clamp(min=1e-9)).tolist()
+                rec[f"moe/expert_load/layer{layer}"] = [round(x, 5) for x in shares]
         dropped = torch.stack([m.dropped_tokens for m in model.moe_layers()]).sum() if loads else torch.zeros(())
         for moe in model.moe_layers():
             moe.dropped_tokens.zero_()
@@ -282,6 +311,7 @@ class Trainer:
     def save(self, wait: bool = False) -> Path | None:
         """Checkpoint the current step (in the background with `checkpoint.async_save`, unless `wait`)."""
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_steps,
+                 "spikes": self.spikes.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "data": self.train_loader.state_dict()}
         path = self.checkpointer.save(self.step, self.model, self.optimizer, state, to_yaml(self.cfg))
         if wait:
