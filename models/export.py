@@ -142,8 +142,8 @@ def read_model_config(ckpt: Path) -> ModelConfig:
 
 # --- loading --------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """DCP warns that it runs without a process group; here that is the point."""
+def quiet_dcp() -> Iterator[None]:
+    """DCP warns at every call that it runs without a process group; in one process that is intended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
@@ -220,7 +220,7 @@ def load_checkpoint_model(ckpt: str | Path) -> Transformer:
     if tied and "lm_head.weight" in to_load and "embed_tokens.weight" in to_load:
         to_load.pop("lm_head.weight")  # the same tensor: read it once
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_dcp(), torch.no_grad():
             dcp.load({"model": to_load}, checkpoint_id=str(ckpt), no_dist=True)
     # DCP wraps a failed read (a truncated or missing .distcp file) in CheckpointException, which derives
     # from BaseException, not Exception; report the underlying error.

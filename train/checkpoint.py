@@ -11,13 +11,11 @@ world size changes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from data.shards import fsync_dir
+from models.export import quiet_dcp
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -102,7 +101,7 @@ class Checkpointer:
         self._pending: tuple[Any, Path, Path, int, str] | None = None
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self._group = dist.new_group(backend="gloo") if async_save and distributed else None
-        if async_save and not distributed:  # the writer thread warns outside `_quiet`; one process is intended
+        if async_save and not distributed:  # the writer thread warns outside `quiet_dcp`; one process is intended
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -119,7 +118,7 @@ class Checkpointer:
         _barrier()
         model_sd, optim_sd = _state_dicts(model, optimizer)
         torch.save({**train_state, "rng": rng_state()}, tmp / f"train_state-rank{_rank()}.pt")
-        with _quiet():
+        with quiet_dcp():
             if self.async_save:
                 future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
                                         process_group=self._group)
@@ -177,7 +176,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     path = Path(path)
     model_sd, optim_sd = _state_dicts(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _quiet():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = path / f"train_state-rank{_rank()}.pt"
@@ -188,16 +187,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     return train_state
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """DCP warns at every call that it runs without a process group; in one process that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-        yield
-
-
 def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    with _quiet():
+    with quiet_dcp():
         return get_state_dict(model, optimizer)
 
