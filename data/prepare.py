@@ -177,14 +177,18 @@ def _jsonl_docs(piece: dict[str, Any], field: str) -> Iterator[str]:
             if not line:
                 break
             if line.strip():
-                where = f"{path}:{_line_number(path, pos) if not piece.get('gz') else '?'}"
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PrepareError(f"{where}: invalid JSON ({e.msg})") from None
-                except UnicodeDecodeError:
-                    raise PrepareError(f"{where}: not valid UTF-8") from None
-                yield _text_field(obj, field, where)
+                    if isinstance(obj, dict) and isinstance(obj.get(field), str):  # the common case: no checks
+                        yield obj[field]
+                    else:
+                        yield _text_field(obj, field, "")  # raises with the reason; re-raised with the place
+                except (json.JSONDecodeError, UnicodeDecodeError, PrepareError) as e:
+                    # Only now find the line number (reading the file up to here): errors are rare, lines not.
+                    where = f"{path}:{_line_number(path, pos) if not piece.get('gz') else '?'}"
+                    reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else (
+                        "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e).removeprefix(": "))
+                    raise PrepareError(f"{where}: {reason}") from None
             pos += len(line)
 
 
