@@ -61,12 +61,15 @@ def torchrun(nproc: int, args: list[str], restarts: int = 0, **kw) -> subprocess
 
 @pytest.fixture(scope="module")
 def four_rank_runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> dict[str, Path]:
-    """On 4 gloo ranks with experts over ep=2: a straight 6-step run, and the same run stopped by SIGTERM to
-    torchrun after a few steps (it saves at the next step boundary) and then restarted with the same command."""
+    """On 4 gloo ranks with experts over ep=2: a straight 6-step run (async checkpoints), and the same run
+    stopped by SIGTERM to torchrun after a few steps (it saves at the next step boundary) and then restarted
+    with the same command."""
     root = tmp_path_factory.mktemp("four")
     straight, split = root / "straight", root / "split"
     common = ["parallel.ep=2", "train.steps=6"]
-    torchrun(4, [*overrides(straight, cache_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 3}), *common])
+    # The straight run writes its checkpoints in the background (async_save): the reshard tests load them.
+    torchrun(4, [*overrides(straight, cache_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 3,
+                                                   "checkpoint.async_save": "true"}), *common])
     proc = torchrun(4, [*overrides(split, cache_dir), *common], background=True)
     _wait_for(lambda: _logged_steps(split) >= 2, what="two steps")
     proc.send_signal(signal.SIGTERM)

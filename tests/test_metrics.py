@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,8 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path: Path) -> None:
                                                                                      **args}))).run()
     runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # `wandb sync` merges them into one run
+    # Same run id in both (a "-1" suffix when both start in the same second); `wandb sync` merges them.
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d+_\d+-{run_id}(-\d+)?", r.name) for r in runs)
     steps = [[row["_step"] for row in history(next(r.glob("*.wandb"))) if "loss" in row] for r in runs]
     assert steps == [[1, 2], [3]]
     info = run_info(next(runs[0].glob("*.wandb")))
