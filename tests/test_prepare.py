@@ -259,11 +259,11 @@ def test_bpe_dataset_trains_end_to_end(tmp_path: Path) -> None:
 def test_valid_jsonl_never_pays_for_line_numbers(inputs: tuple[Path, Counter[str]], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Line numbers are for error messages only: counting them per line made prepare quadratic in file size."""
-    import data.prepare as prep
+    import data.inputs as inputs_module
 
     def forbidden(path: str, offset: int) -> int:
         raise AssertionError("_line_number called on valid input")
 
-    monkeypatch.setattr(prep, "_line_number", forbidden)
+    monkeypatch.setattr(inputs_module, "_line_number", forbidden)
     src, _ = inputs
     prepare(tmp_path / "out", inputs=[str(src / "*.jsonl")], workers=0, unit_mb=0.002, progress=False)
