@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,3 +43,39 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
                                                          "torch.distributed.fsdp", "models", "parallel"])
     mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
                        start_method="forkserver")
+
+
+def run_reporting_ranks(target: Callable[[int, int, int, str], None], world: int, out: Path,
+                        timeout: float = 150.0) -> dict[int, dict]:
+    """Run `target(rank, world, port, out)` on `world` processes; each writes `out/rank<R>.json` with "done"
+    (success) or "error" (a traceback). Returns every rank's report, or fails with each failing rank's
+    traceback; a rank that crashes, or hangs past `timeout` and is killed, is reported as such.
+
+    Unlike `run_ranks`, the test process reads results back from files, and a hung rank cannot hang the test.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed.tensor", "torch.distributed.fsdp",
+                                "torch.distributed.checkpoint.state_dict", "models", "pytest"])
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(rank, world, port, str(out)), daemon=True) for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for rank in hung:
+        procs[rank].kill()
+        procs[rank].join()
+    reports, problems = {}, []
+    for rank, p in enumerate(procs):
+        path = out / f"rank{rank}.json"
+        report = json.loads(path.read_text()) if path.exists() else {}
+        if report.get("error") is None and report.get("done") and rank not in hung:
+            reports[rank] = report
+            continue
+        state = f"timed out after {timeout:.0f} s" if rank in hung else f"exit code {p.exitcode}"
+        problems.append(f"--- rank {rank} ({state}):\n{report.get('error') or 'no report written'}")
+    if problems:
+        raise RuntimeError(f"{world} gloo ranks failed:\n" + "\n".join(problems))
+    return reports

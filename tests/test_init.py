@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from models import ModelConfig, Transformer
 from models.init import block_seed, canonical_name, init_normal_
+from tests.dist_harness import run_reporting_ranks
 
 SEED, STD = 1234, 0.02
 
@@ -167,47 +165,6 @@ CASES_2D = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(world: int, out: Path, timeout: float = 150.0) -> dict[int, dict]:
-    """Run `_worker_main` on `world` gloo ranks; return each rank's JSON report, or fail with the child
-    ranks' tracebacks (a rank that crashes or hangs past `timeout` is reported as such).
-
-    Ranks are forked from a forkserver that imports torch once (importing it in each rank would cost
-    most of this file's run time on a 2-core machine)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed.tensor", "torch.distributed.fsdp",
-                                "torch.distributed.checkpoint.state_dict", "models", "pytest"])
-    port = _free_port()
-    procs = [ctx.Process(target=_worker_main, args=(rank, world, port, str(out)), daemon=True)
-             for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for rank in hung:
-        procs[rank].kill()
-        procs[rank].join()
-    reports, problems = {}, []
-    for rank, p in enumerate(procs):
-        path = out / f"rank{rank}.json"
-        report = json.loads(path.read_text()) if path.exists() else {}
-        if report.get("error") is None and "done" in report and rank not in hung:
-            reports[rank] = report
-            continue
-        state = f"timed out after {timeout:.0f} s" if rank in hung else f"exit code {p.exitcode}"
-        problems.append(f"--- rank {rank} ({state}):\n{report.get('error') or 'no report written'}")
-    if problems:
-        raise RuntimeError(f"{world} gloo ranks failed:\n" + "\n".join(problems))
-    return reports
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], tuple[Path, dict[int, dict]]]:
     """ranks(W) -> (output dir, per-rank reports) of one W-rank run, shared by the tests below."""
@@ -217,7 +174,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], tuple[Pat
         if world not in runs:
             out = tmp_path_factory.mktemp(f"world{world}")
             try:
-                runs[world] = (out, _launch(world, out))
+                runs[world] = (out, run_reporting_ranks(_worker_main, world, out))
             except RuntimeError as e:
                 runs[world] = str(e)
         run = runs[world]

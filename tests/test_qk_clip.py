@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from models import ModelConfig, Transformer
@@ -25,6 +22,7 @@ from optim.qk_clip import (
     qk_clip_,
     scale_rows_,
 )
+from tests.dist_harness import run_reporting_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -309,44 +307,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(world: int, out: Path, timeout: float = 120.0) -> dict[int, dict]:
-    """Run `_worker` on `world` gloo ranks; return their reports or fail with each failing rank's traceback
-    (a rank that crashes, or hangs past `timeout` and is killed, is reported as such)."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, str(out)), daemon=True) for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for rank in hung:
-        procs[rank].kill()
-        procs[rank].join()
-    reports, problems = {}, []
-    for rank, p in enumerate(procs):
-        path = out / f"rank{rank}.json"
-        report = json.loads(path.read_text()) if path.exists() else {}
-        if report.get("error") is None and report.get("done") and rank not in hung:
-            reports[rank] = report
-            continue
-        state = f"timed out after {timeout:.0f} s" if rank in hung else f"exit code {p.exitcode}"
-        problems.append(f"--- rank {rank} ({state}):\n{report.get('error') or 'no report written'}")
-    if problems:
-        raise RuntimeError(f"{world} gloo ranks failed:\n" + "\n".join(problems))
-    return reports
-
-
 def test_fsdp2_sharded_clip_equals_single_process(tmp_path: Path) -> None:
     try:
-        reports = _launch(WORLD, tmp_path)
+        reports = run_reporting_ranks(_worker, WORLD, tmp_path, timeout=120.0)
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
     results = torch.load(tmp_path / "results.pt", weights_only=False)
