@@ -156,6 +156,7 @@ class WindowDataset:
             raise ValueError(f"the shards hold {self.num_tokens} tokens, too few for one window of "
                              f"seq_len + 1 = {self.seq_len + 1}: {self.shard_paths}")
         self._perms: dict[int, FeistelPermutation] = {}
+        self._order_cache: dict[tuple[int, int], np.ndarray] = {}
 
     def _open(self) -> None:
         shards = [open_shard(p, expected_fingerprint=self._expected_fingerprint) for p in self.shard_paths]
@@ -175,11 +176,12 @@ class WindowDataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_shards"], state["_starts"]
+        del state["_shards"], state["_starts"], state["_order_cache"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._order_cache = {}
         self._open()
 
     def __len__(self) -> int:
@@ -247,12 +249,30 @@ class WindowDataset:
         g = np.asarray(indices, dtype=np.uint64).reshape(-1)
         n = np.uint64(self.num_windows)
         epochs, within = g // n, g % n
-        windows = within.copy()
-        if self.shuffle:
-            for epoch in np.unique(epochs).tolist():
-                sel = epochs == epoch
-                windows[sel] = self.permutation(int(epoch)).map(within[sel])
+        if not self.shuffle:
+            return within
+        windows = np.empty_like(within)
+        blocks = within // np.uint64(self.ORDER_BLOCK)
+        for epoch, block in {(int(e), int(b)) for e, b in zip(epochs.tolist(), blocks.tolist(), strict=True)}:
+            sel = (epochs == epoch) & (blocks == block)
+            windows[sel] = self._order_block(epoch, block)[within[sel] - np.uint64(block * self.ORDER_BLOCK)]
         return windows
+
+    ORDER_BLOCK = 4096  # samples whose windows are computed in one vectorised call and cached
+
+    def _order_block(self, epoch: int, block: int) -> np.ndarray:
+        """Windows of samples [block*B, (block+1)*B) of `epoch`. One numpy call for B samples costs about what
+        a call for one batch did, and ranks read the global order in runs, so the blocks are reused."""
+        key = (epoch, block)
+        cached = self._order_cache.get(key)
+        if cached is None:
+            lo = block * self.ORDER_BLOCK
+            hi = min(lo + self.ORDER_BLOCK, self.num_windows)
+            cached = self.permutation(epoch).map(np.arange(lo, hi, dtype=np.uint64))
+            if len(self._order_cache) >= 8:  # a few blocks: the current one and its neighbours
+                self._order_cache.pop(next(iter(self._order_cache)))
+            self._order_cache[key] = cached
+        return cached
 
 
 class MixtureDataset:

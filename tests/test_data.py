@@ -450,3 +450,15 @@ def test_builtin_recovers_from_a_crashed_build(tmp_path: Path, monkeypatch: pyte
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["lib", name, f"{name}.lock"])
     shard = open_shard(train, verify_checksum=True)
     assert TOK.decode(shard.document(0)).startswith("def f")
+
+
+def test_cached_order_blocks_give_the_permutation_exactly(small_shards: list[str], monkeypatch) -> None:
+    """Window ids come from cached blocks of the order; in any access pattern they are the permutation's."""
+    monkeypatch.setattr(WindowDataset, "ORDER_BLOCK", 7)  # many block edges in a small dataset
+    ds = WindowDataset(small_shards, seq_len=16, seed=11)
+    n = len(ds)
+    rng = np.random.default_rng(3)
+    for indices in (np.arange(3 * n), rng.integers(0, 5 * n, size=500), np.array([n - 1, n, 7, 6, 2 * n + 13])):
+        expected = [ds.permutation(int(g) // n)(int(g) % n) for g in indices]
+        assert ds.windows_of(indices).tolist() == expected
+    assert len(ds._order_cache) <= 8
