@@ -162,14 +162,6 @@ class Checkpointer:
         return final
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict[str, Any], config_yaml: str, keep_last: int) -> Path:
-    """Write checkpoint `step-<step>` synchronously (see `Checkpointer`)."""
-    path = Checkpointer(out_dir, keep_last).save(step, model, optimizer, train_state, config_yaml)
-    assert path is not None
-    return path
-
-
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer in place; return this rank's train state (RNG already restored)."""
