@@ -40,12 +40,9 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import cProfile
 import glob
-import io
 import multiprocessing as mp
 import os
-import pstats
 import shutil
 import statistics
 import sys
@@ -59,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from data_prepare import WORK, end_of_part, machine_line, wait_for_idle, wait_quiet, write_corpus  # noqa: E402
+from machine import profile_top  # noqa: E402
 
 from data.dataset import WindowDataset, open_source  # noqa: E402
 from data.loader import TokenBatchLoader, _to_batch  # noqa: E402
@@ -176,17 +174,9 @@ def profile_loader(paths: list[str], seqs: list[int], gbs: int, batches: int) ->
         ds = WindowDataset(paths, seq, seed=0)
         loader = TokenBatchLoader(ds, gbs, prefetch=0)
         next(loader)
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(batches):
-            next(loader)
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(8)
-        body = s.getvalue()
-        body = body[body.find("ncalls"):] if "ncalls" in body else body
+        _, body = profile_top(lambda ld=loader: [next(ld) for _ in range(batches)], 8)
         print(f"\ncProfile: {batches} batches, seq_len {seq}, global batch {gbs}, world 1, prefetch 0; "
-              f"top 8 by own time:\n```\n{body.rstrip()}\n```")
+              f"top 8 by own time:\n```\n{body}\n```")
         # breakdown of one batch: sample -> window ids, the per-window copies, the int64 -> inputs/targets split
         parts: dict[str, list[float]] = {"windows_of (permutation)": [], "per-window loop (window())": [],
                                          "_to_batch (2 contiguous copies)": []}

@@ -42,7 +42,7 @@ other processes keep more than 25% of the CPUs busy (the load average lags by a 
 own previous case), printing the busy share it started at.
 
 ``--profile``: cProfile of one inline `prepare` (workers=0, byte tokenizer), top functions by own time.
-``--whatif``: the same inline `prepare` timed as is and with ``data.prepare._line_number`` (the line-number
+``--whatif``: the same inline `prepare` timed as is and with ``data.inputs._line_number`` (the line-number
 lookup for error messages, run for every jsonl line) replaced by a constant, to size that cost; workers=0 because
 spawned workers would re-import the unpatched module. Benchmarks never fail a test run; results go to
 docs/bench_data.md with the machine and load they ran on. Temporary files live under --work (deleted unless
@@ -53,12 +53,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
-import io
 import json
 import os
 import platform
-import pstats
 import resource
 import shutil
 import statistics
@@ -74,8 +71,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from machine import cpu_model  # noqa: E402  (bench/ is the script directory)
+from machine import cpu_model, profile_top  # noqa: E402  (bench/ is the script directory)
 
+import data.inputs as dinputs  # noqa: E402
 import data.prepare as dprep  # noqa: E402
 from data.builtin import read_source, stdlib_files  # noqa: E402
 from data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe  # noqa: E402
@@ -360,27 +358,20 @@ def part_a(args: argparse.Namespace, work: Path) -> None:
 def diagnose(corpus: Path, args: argparse.Namespace, work: Path) -> None:
     out = work / "prep_out"
     if args.profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        r = run_prepare(corpus, "byte", 0, args.unit_mb, out)
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(10)
-        body = s.getvalue()
-        body = body[body.find("ncalls"):] if "ncalls" in body else body
+        r, body = profile_top(lambda: run_prepare(corpus, "byte", 0, args.unit_mb, out), 10)
         print(f"\ncProfile, inline prepare (workers=0), byte tokenizer, {r['seconds']:.2f} s under the profiler; "
-              f"top 10 by own time:\n```\n{body.rstrip()}\n```")
+              f"top 10 by own time:\n```\n{body}\n```")
     if args.whatif:
-        original = dprep._line_number
+        original = dinputs._line_number
         times: dict[str, list[float]] = {"as is": [], "_line_number stubbed": []}
         for _ in range(args.reps):
             for label in times:
                 wait_quiet(f"inline prepare, {label}", args.max_wait)
-                dprep._line_number = original if label == "as is" else (lambda path, offset: 0)
+                dinputs._line_number = original if label == "as is" else (lambda path, offset: 0)
                 try:
                     r = run_prepare(corpus, "byte", 0, args.unit_mb, out)
                 finally:
-                    dprep._line_number = original
+                    dinputs._line_number = original
                 times[label].append(r["seconds"])
                 text_bytes = r["bytes"]
         print(f"\nwhat-if, inline prepare (workers=0), byte tokenizer, median of {args.reps}:\n")
