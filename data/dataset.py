@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from data.shards import Shard, ShardError, is_shard, open_shard
 
@@ -173,10 +174,14 @@ class WindowDataset:
             pos += s.num_tokens
         if not self._shards:
             self._shards, self._starts = shards[:1], [0]
+        self._starts_u64 = np.asarray(self._starts, dtype=np.uint64)
+        self._sizes_u64 = np.asarray([s.num_tokens for s in self._shards], dtype=np.uint64)
+        self._views: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_shards"], state["_starts"], state["_order_cache"]
+        for key in ("_shards", "_starts", "_starts_u64", "_sizes_u64", "_views", "_order_cache"):
+            del state[key]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -240,9 +245,25 @@ class WindowDataset:
         out = np.empty((g.size, self.seq_len + 1), dtype=np.int64)
         if g.size == 0:
             return out
-        for row, w in enumerate(self.windows_of(g).tolist()):
-            out[row] = self.window(w)
+        n = self.seq_len + 1
+        starts = self.windows_of(g) * np.uint64(self.seq_len)  # stream offsets (uint64: 64-bit safe)
+        shard = np.searchsorted(self._starts_u64, starts, side="right") - 1
+        local = starts - self._starts_u64[shard]
+        inside = local + np.uint64(n) <= self._sizes_u64[shard]
+        for k in np.unique(shard[inside]).tolist():
+            rows = np.nonzero(inside & (shard == k))[0]
+            # Rows of a sliding-window view of the memory map: one C-level copy per window, no Python loop.
+            out[rows] = self._window_view(k)[local[rows].astype(np.int64)]
+        for row in np.nonzero(~inside)[0].tolist():  # the rare window that crosses into the next shard
+            out[row] = self.window(int(starts[row]) // self.seq_len)
         return out
+
+    def _window_view(self, k: int) -> np.ndarray:
+        """Shard `k`'s tokens as a [num_tokens - seq_len, seq_len + 1] view of overlapping windows (no copy)."""
+        view = self._views.get(k)
+        if view is None:
+            view = self._views[k] = sliding_window_view(self._shards[k].tokens, self.seq_len + 1)
+        return view
 
     def windows_of(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """Which stream window each global sample is (global: epoch ``g // len`` wraps around), as uint64."""

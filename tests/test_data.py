@@ -462,3 +462,13 @@ def test_cached_order_blocks_give_the_permutation_exactly(small_shards: list[str
         expected = [ds.permutation(int(g) // n)(int(g) % n) for g in indices]
         assert ds.windows_of(indices).tolist() == expected
     assert len(ds._order_cache) <= 8
+
+
+def test_vectorised_gather_equals_window_by_window(small_shards: list[str]) -> None:
+    """`gather` copies rows of a sliding-window view per shard; windows crossing shards take the slow path."""
+    for seq in (5, 64, 1000):
+        ds = WindowDataset(small_shards, seq_len=seq, seed=2)
+        idx = np.arange(3 * len(ds))  # every window of three epochs, many crossing a shard boundary
+        rows = ds.gather(idx)
+        expected = np.stack([ds.window(int(w)) for w in ds.windows_of(idx)])
+        np.testing.assert_array_equal(rows, expected)
