@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -79,3 +83,26 @@ def run_reporting_ranks(target: Callable[[int, int, int, str], None], world: int
     if problems:
         raise RuntimeError(f"{world} gloo ranks failed:\n" + "\n".join(problems))
     return reports
+
+
+@contextlib.contextmanager
+def reporting_rank(rank: int, world: int, port: int, out: str) -> Iterator[dict]:
+    """The worker side of `run_reporting_ranks`: join the gloo group, yield the report to fill in, then write
+    `out/rank<R>.json` with "done" or the traceback of what failed (never raised: the parent reads it), and
+    leave the group."""
+    torch.set_num_threads(1)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks are local: skip hostname resolution
+    report: dict = {"error": None}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        yield report
+        dist.barrier()
+        report["done"] = True
+    except BaseException:
+        report["error"] = traceback.format_exc()
+    finally:
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -7,9 +7,6 @@ single-process init computed here, in the pytest process.
 
 from __future__ import annotations
 
-import json
-import os
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import torch
 
 from models import ModelConfig, Transformer
 from models.init import block_seed, canonical_name, init_normal_
-from tests.dist_harness import run_reporting_ranks
+from tests.dist_harness import reporting_rank, run_reporting_ranks
 
 SEED, STD = 1234, 0.02
 
@@ -308,25 +305,7 @@ def _worker_model(rank: int, world: int, out: Path) -> dict:
 def _worker_main(rank: int, world: int, port: int, out: str) -> None:
     """One rank: W=2 runs the DTensor cases and the FSDP2 model, W=4 the DTensor cases (1-D and 2-D
     meshes). Writes rank{rank}.json with its report or the traceback of what failed."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks are local: skip hostname resolution
-    report: dict = {"error": None}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+    with reporting_rank(rank, world, port, out) as report:
         report.update(_worker_tensors(rank, world, Path(out)))
         if world == 2:
             report.update(_worker_model(rank, world, Path(out)))
-        dist.barrier()
-        report["done"] = True
-    except BaseException:
-        report["error"] = traceback.format_exc()
-    finally:
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -3,10 +3,7 @@ plain weights and on FSDP2-sharded weights (2 real gloo ranks, uneven shards) ag
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import traceback
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from optim.qk_clip import (
     qk_clip_,
     scale_rows_,
 )
-from tests.dist_harness import run_reporting_ranks
+from tests.dist_harness import reporting_rank, run_reporting_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -248,21 +245,13 @@ def _shard_model(q_lora_rank: int | None) -> Transformer:
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank: FSDP2-shard the models, run forward+backward, QK-Clip, gather the full state dicts."""
-    from datetime import timedelta
-
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    report: dict = {"error": None}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+    with reporting_rank(rank, world, port, out) as report:
         mesh = init_device_mesh("cpu", (world,))
         results: dict = {}
         for q_lora_rank in (None, 6):
@@ -297,14 +286,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results["tensors"] = tensors
         if rank == 0:
             torch.save(results, Path(out) / "results.pt")
-        dist.barrier()
-        report["done"] = True
-    except BaseException:
-        report["error"] = traceback.format_exc()
-    finally:
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_fsdp2_sharded_clip_equals_single_process(tmp_path: Path) -> None:
