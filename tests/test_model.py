@@ -212,11 +212,11 @@ def test_rope_inv_freq_matches_transformers(rope_scaling, rope_dim):
     inv_freq, factor = rope_inv_freq(cfg)
     assert inv_freq.dtype == torch.float32 and inv_freq.shape == (rope_dim // 2,)
     torch.testing.assert_close(inv_freq.double(), ref.double(), rtol=1e-6, atol=0)
-    assert factor == pytest.approx(ref_factor, rel=1e-9)
+    assert float(factor) == pytest.approx(float(ref_factor), rel=1e-9)
     if rope_scaling is not None:  # YaRN really interpolates the low frequencies
         plain = rope_inv_freq(cfg.replace(rope_scaling=None))[0]
-        assert inv_freq[-1] == pytest.approx(plain[-1] / rope_scaling["factor"], rel=1e-5)
-        assert inv_freq[0] == pytest.approx(plain[0], rel=1e-6)
+        assert float(inv_freq[-1]) == pytest.approx(float(plain[-1]) / rope_scaling["factor"], rel=1e-5)
+        assert float(inv_freq[0]) == pytest.approx(float(plain[0]), rel=1e-6)
 
 
 # ============================================================================================ max logit

@@ -66,3 +66,19 @@ def test_models_imports_nothing_from_the_machinery_around_it() -> None:
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert not offenders, offenders
+
+
+def test_every_dependency_has_an_upper_bound() -> None:
+    """A new major release elsewhere (a minor one for torch) must not turn a fresh clone red."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    reqs = list(project["build-system"]["requires"]) + list(project["project"]["dependencies"])
+    for extra in project["project"]["optional-dependencies"].values():
+        reqs += extra
+    assert len(reqs) > 15
+    unbounded = [r for r in reqs if "<" not in r.split(";")[0]]
+    assert not unbounded, f"dependencies without an upper bound: {unbounded}"
+    torch_req = next(r for r in reqs if re.match(r"torch\b", r))
+    upper = re.search(r"<\s*([\d.]+)", torch_req).group(1)
+    assert upper.count(".") == 1, f"torch must be bounded at its next minor release, got {torch_req}"
