@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from train.metrics import _jsonable  # what the trainer writes: non-finite floats as null
 from train.report import load_records, render
 from train.report.__main__ import main
 from train.report.plots import _load_matrix
@@ -24,11 +25,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SPIKE_STEP = 57
 NAN_STEP = 33
 N_STEPS, N_LAYERS, N_EXPERTS = 120, 3, 8
-
-
-def _jsonable(v: object) -> object:
-    """What train/metrics.py writes: non-finite floats as strings."""
-    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def synthetic_records(*, new_keys: bool = True) -> list[dict]:
@@ -70,7 +66,7 @@ def synthetic_records(*, new_keys: bool = True) -> list[dict]:
             spike = step == SPIKE_STEP
             spikes += spike
             rec.update({"spike": spike, "spikes": spikes, "loss_baseline": base, "tflops": 1.5, "mfu": 0.012})
-        recs.append({k: _jsonable(v) for k, v in rec.items()})
+        recs.append(_jsonable(rec))
         if step % 20 == 0:
             recs.append({"step": step, "split": "val", "val_loss": base + 0.1, "val_ppl": math.exp(base + 0.1)})
     return recs
@@ -78,7 +74,7 @@ def synthetic_records(*, new_keys: bool = True) -> list[dict]:
 
 def write_run(run_dir: Path, recs: list[dict], *, tau: float | None = 100.0, tail: str = "") -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in recs) + tail
+    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in recs) + tail
     (run_dir / "metrics.jsonl").write_text(text)
     tau_txt = "null" if tau is None else str(tau)
     (run_dir / "config.yaml").write_text(f"optim:\n  qk_clip_tau: {tau_txt}\ntrain:\n  steps: {N_STEPS}\n")
@@ -107,18 +103,28 @@ def test_load_records_parses_nonfinite_and_skips_truncated_line(rendered: tuple[
     assert [r["step"] for r in steps] == list(range(1, N_STEPS + 1))  # the cut-off step 121 is skipped
     assert [r["step"] for r in evals] == list(range(20, N_STEPS + 1, 20))
     bad = steps[NAN_STEP - 1]
-    assert math.isnan(bad["loss"]) and bad["grad_norm"] == math.inf
+    assert bad["step"] == NAN_STEP and math.isnan(bad["loss"]) and math.isnan(bad["grad_norm"])  # null: NaN
     assert isinstance(steps[0]["moe/expert_load/layer1"], list) and len(steps[0]["moe/expert_load/layer1"]) == 8
+
+
+def test_older_runs_with_nonfinite_values_as_strings_still_read(tmp_path: Path) -> None:
+    """Runs written before non-finite values became null wrote them as "nan" / "inf" / "-inf"."""
+    recs = [{"step": 1, "loss": 2.0, "grad_norm": 1.0}, {"step": 2, "loss": "nan", "grad_norm": "inf"},
+            {"step": 3, "loss": 1.9, "grad_norm": "-inf", "mfu": None}]
+    steps, _ = load_records(write_run(tmp_path / "old", recs))
+    assert math.isnan(steps[1]["loss"]) and steps[1]["grad_norm"] == math.inf and steps[2]["grad_norm"] == -math.inf
+    assert steps[0]["loss"] == 2.0 and math.isnan(steps[2]["mfu"])
 
 
 def test_sparse_expert_load_fills_a_uniform_step_grid() -> None:
     """Shares logged at steps 1, 10, 20 (every `expert_load_interval`): each grid cell shows the nearest one;
-    more logged steps than columns are averaged; a "nan" share stays a gap."""
+    more logged steps than columns are averaged; a null (or an older run's "nan") share stays a gap."""
     recs = [{"step": s, "k": [s / 100, 1 - s / 100]} for s in (1, 10, 20)]
     (lo, hi), grid = _load_matrix(recs, "k", max_columns=1000)
     assert (lo, hi) == (0.5, 20.5) and grid.shape == (2, 20)
     np.testing.assert_allclose(grid[0], [0.01] * 5 + [0.10] * 10 + [0.20] * 5)
-    (lo, hi), grid = _load_matrix([{"step": s, "k": [s, "nan"]} for s in range(1, 101)], "k", max_columns=10)
+    (lo, hi), grid = _load_matrix([{"step": s, "k": [s, "nan" if s % 2 else None]} for s in range(1, 101)], "k",
+                                max_columns=10)
     assert grid.shape == (2, 10) and grid[0, 0] == pytest.approx(5.5) and np.isnan(grid[1]).all()
 
 

@@ -65,24 +65,25 @@ class MetricsLogger:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "metrics.jsonl"
-        if resumed_step and path.exists():
-            _truncate_after(path, resumed_step)  # drop records of steps that will be replayed
+        # Drop records of steps this run will log again — also on a fresh start (resumed_step 0) over the log
+        # of a run that crashed before its first checkpoint — so every step appears exactly once.
+        _truncate_after(path, resumed_step)
         self._file = path.open("a", buffering=1)
         if cfg.logging.wandb.mode != "disabled":
             self._wandb = _init_wandb(cfg, out_dir)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: events of steps after the checkpoint (to be replayed) are dropped, as in the JSONL
-            purge = resumed_step + 1 if resumed_step else None
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+            # purge_step: events of steps after the checkpoint (to be replayed) are dropped, as in the JSONL;
+            # on a fresh start too (1: everything an earlier, crashed attempt wrote).
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resumed_step + 1)
 
     def log(self, rec: dict[str, Any], *, echo: bool = True) -> None:
         if not self.enabled:
             return
         rec = {**rec, "time": round(time.time(), 3)}
         assert self._file is not None
-        self._file.write(json.dumps(_jsonable(rec)) + "\n")
+        self._file.write(json.dumps(_jsonable(rec), allow_nan=False) + "\n")
         scalars = {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self._wandb is not None:  # scalars only: per-expert load lists stay in the JSONL (and the report)
             self._wandb.log(scalars, step=rec["step"])
@@ -128,21 +129,57 @@ def _init_wandb(cfg: ExperimentConfig, out_dir: Path) -> Any:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Keep only records of steps <= `step`, so a resumed run's JSONL has every step exactly once."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    path.write_text("".join(s + "\n" for s in kept))
+    """Keep only records of steps <= `step`, so a resumed run's JSONL has every step exactly once.
+
+    Atomic: the kept lines go to a temporary file in the same directory, which is fsynced and renamed over the
+    log, so a kill at any moment leaves either the old history or the truncated one, never a half-written file
+    (the history can be hundreds of MB). Nothing is rewritten when nothing has to go.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a run killed during an earlier rewrite; the log itself is whole
+    if not path.exists():
+        return
+    with path.open("rb") as src:
+        keep = [_keep(line, step) for line in src]  # one parse per line; then copy without parsing
+        if all(keep):
+            return
+        src.seek(0)
+        with tmp.open("wb") as dst:
+            for line, kept in zip(src, keep, strict=True):  # streamed: the history need not fit in memory
+                if kept:
+                    dst.write(line)
+            dst.flush()
+            os.fsync(dst.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)  # make the rename itself durable
 
 
-def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in rec.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            v = str(v)
-        out[k] = v
-    return out
+def _keep(line: bytes, step: int) -> bool:
+    """A complete record of a step <= `step` (a line cut short by a crash is not kept)."""
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        rec = json.loads(line)
+    except ValueError:  # a line garbled by a crash
+        return False
+    rec_step = rec.get("step", 0) if isinstance(rec, dict) else None
+    return isinstance(rec_step, (int, float)) and rec_step <= step
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(value: Any) -> Any:
+    """A record as strict JSON: non-finite floats (a NaN loss, an overflowed norm) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

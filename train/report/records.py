@@ -28,7 +28,11 @@ _MAX_HEATMAP_COLUMNS = 1000  # at most this many step bins per heatmap panel (fe
 
 
 def _decode(value: Any) -> Any:
-    """The JSONL writes non-finite floats as strings ("nan", "inf", "-inf"): turn them back into floats."""
+    """The JSONL writes non-finite floats as null (older runs: as strings "nan", "inf", "-inf"): turn them back
+    into floats. A null is NaN whatever the key (an older run's `"mfu": null`, no peak known, reads as "no value"
+    either way: the plots and the summary skip non-finite values)."""
+    if value is None:
+        return math.nan
     if isinstance(value, str):
         return _NONFINITE.get(value.strip().lower(), value)
     if isinstance(value, list):
@@ -50,7 +54,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
                 bad += 1
                 continue
             if isinstance(rec, dict):
-                if '"nan"' in line or 'inf"' in line.lower():  # only then can a value be an encoded non-finite
+                if "null" in line or '"nan"' in line or 'inf"' in line.lower():  # only then can a value be non-finite
                     rec = {k: _decode(v) for k, v in rec.items()}
                 records.append(rec)
             else:
@@ -68,7 +72,8 @@ def _metrics_path(run_dir: str | Path) -> Path:
 def load_records(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training step records, validation records) of a run, each sorted by step.
 
-    Non-finite values written as strings come back as floats; unparsable lines (a crash mid-write) are skipped;
+    Non-finite values (written as null, or as strings by older runs) come back as float NaN / inf; unparsable
+    lines (a crash mid-write) are skipped;
     when a step appears twice (a resumed run whose log was not truncated) the later record wins.
     Raises FileNotFoundError naming the path when the run has no metrics.jsonl.
     """
@@ -164,7 +169,8 @@ def _spike_steps(steps: Sequence[dict[str, Any]]) -> list[int]:
 
 
 def _has(steps: Sequence[dict[str, Any]], key: str) -> bool:
-    return any(_num(rec.get(key)) is not None for rec in steps)
+    """Whether any record has a finite value for `key` (a series of only NaN / null has nothing to plot)."""
+    return any(_finite(rec.get(key)) for rec in steps)
 
 
 def _tau(cfg: dict[str, Any] | None) -> float | None:
