@@ -83,4 +83,6 @@ def test_owner_assignment_balances_flops() -> None:
     owners = assign_owners(shapes, 4)
     loads = [sum(ns_flops(s) for s, o in zip(shapes, owners, strict=True) if o == r) for r in range(4)]
     assert max(loads) <= sum(loads) / 4 + max(ns_flops(s) for s in shapes)
-    assert owners == assign_owners(shapes, 4)  # deterministic: every rank computes the same owners
+    # The best split there is: one 64x64 and two 32x32 per rank, the small matrix on top of one of them.
+    even = ns_flops((64, 64)) + 2 * ns_flops((32, 32))
+    assert sorted(loads) == [even, even, even, even + ns_flops((128, 16))]

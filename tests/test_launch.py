@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,7 +103,12 @@ def test_multinode_every_node_gets_the_same_c10d_command(monkeypatch: pytest.Mon
     monkeypatch.chdir(ROOT)
     args = ["--config", TINY, "--nodes", "2", "--gpus-per-node", "4", "--rdzv-endpoint", "node-a:29400",
             "--dry-run", "train.out_dir=runs/exp1", "train.micro_batch_size=2"]
-    outputs = [cli(capsys, *args) for _node in ("node-a", "node-b")]  # each node runs the launcher itself
+    outputs = []
+    for node in ("node-a", "node-b"):  # each node runs the launcher itself, on its own host
+        monkeypatch.setattr(socket, "gethostname", lambda node=node: node)
+        monkeypatch.setattr(socket, "getfqdn", lambda *_, node=node: f"{node}.cluster")
+        monkeypatch.setenv("HOSTNAME", node)
+        outputs.append(cli(capsys, *args))
     assert outputs[0] == outputs[1] and outputs[0][0] == 0
     comment, line = outputs[0][1].splitlines()
     assert comment.startswith("# run on each of the 2 node(s)")

@@ -3,13 +3,16 @@ TensorBoard, and loss spikes caught, on real runs of the tiny config."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
+from models import Transformer
 from tests.wandb_history import history, run_info
 from train.config import load_config
 from train.spikes import SpikeDetector
@@ -32,18 +35,65 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def traced_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict[int, torch.Tensor]]]:
+    """The run, and how many token copies each MoE layer's router sent to each expert in each step's training
+    forward, counted by hooks on the routers (independently of the trainer's own load accounting)."""
     out = tmp_path_factory.mktemp("metrics")
     cfg = load_config(TINY, _overrides(out / "run", out / "cache", **{
         "train.steps": STEPS, "train.eval_interval": 3, "train.eval_batches": 1, "logging.wandb.mode": "offline",
         "logging.tensorboard": "true", "logging.expert_load_interval": 4, "logging.peak_tflops": 0.5,
         "optim.qk_clip_tau": 0.1}))  # a tau the tiny model's logits exceed, so QK-Clip really acts
     trainer = Trainer(cfg)
+    experts = cfg.model.n_routed_experts
+    routed: dict[int, dict[int, torch.Tensor]] = {}
+    this_step: dict[int, torch.Tensor] = {}
+
+    def counter(layer: int):
+        def hook(router: torch.nn.Module, args: tuple, out: tuple) -> None:
+            if router.training:  # evaluation forwards are not part of a step's load
+                this_step[layer] = this_step.get(layer, 0) + torch.bincount(out[1].flatten(), minlength=experts)
+        return hook
+
+    for name, block in trainer.model.layers.items():
+        if hasattr(block.mlp, "gate"):
+            block.mlp.gate.register_forward_hook(counter(int(name)))
+    step = trainer.train_step
+
+    def traced_step() -> dict:
+        this_step.clear()
+        rec = step()
+        routed[trainer.step] = dict(this_step)
+        return rec
+
+    trainer.train_step = traced_step
     trainer.run()
-    return out / "run"
+    return out / "run", routed
 
 
-def test_every_metric_is_logged_with_a_sane_value(run: Path) -> None:
+@pytest.fixture(scope="module")
+def run(traced_run: tuple[Path, dict]) -> Path:
+    return traced_run[0]
+
+
+def _flops_per_token_bounds(cfg, seq_len: int) -> tuple[float, float]:
+    """Training FLOPs per token counted by torch's FlopCounterMode on a forward of the model (not models.plan):
+    3 x (matmuls with weights) <= F <= 3 x (those + the full, non-causal attention score and value matmuls);
+    a causal count lies in between. float64 takes the experts' per-group matmul path, which the counter sees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = Transformer(dataclasses.replace(cfg.model, attn_impl="eager")).double()
+    model.init_weights(seed=0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, cfg.model.vocab_size, (1, seq_len)))
+    counts = {str(op): n / seq_len for op, n in counter.get_flop_counts()["Global"].items()}
+    weights, scores = counts.pop("aten.mm"), counts.pop("aten.bmm")  # projections / attention q.k, p.v
+    assert not counts, counts
+    return 3 * weights, 3 * (weights + scores)
+
+
+def test_every_metric_is_logged_with_a_sane_value(traced_run: tuple[Path, dict[int, dict[int, torch.Tensor]]]
+                                                  ) -> None:
+    run, routed = traced_run
     recs = _records(run)
     steps = [r for r in recs if "loss" in r]
     evals = [r for r in recs if r.get("split") == "val"]
@@ -51,23 +101,38 @@ def test_every_metric_is_logged_with_a_sane_value(run: Path) -> None:
     cfg = load_config(TINY)
     layers = range(cfg.model.num_hidden_layers)
     moe_layers = range(cfg.model.first_k_dense_replace, cfg.model.num_hidden_layers)
+    tokens = 8 * 64
+    lo, hi = _flops_per_token_bounds(cfg, 64)
+    bias = {i: torch.zeros(cfg.model.n_routed_experts, dtype=torch.float64) for i in moe_layers}
     for r in steps:
         assert 0 < r["lm_loss"] < 7 and r["loss"] == pytest.approx(r["lm_loss"] + r["balance_loss"])
         assert 0 < r["balance_loss"] < 0.01 and r["grad_norm"] > 0 and r["lr"] > 0
-        assert r["tokens_seen"] == 8 * 64 * r["step"] and r["tokens_per_s"] > 0 and r["step_time_s"] > 0
-        assert r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.5)
+        assert r["tokens_seen"] == tokens * r["step"] and r["step_time_s"] > 0
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(tokens)
+        # Achieved FLOP/s: the step's FLOPs from an independent count, over its measured time; MFU over the peak
+        # this run set (logging.peak_tflops 0.5).
+        flops = r["tflops"] * 1e12 * r["step_time_s"] / tokens
+        assert lo * (1 - 1e-9) <= flops <= hi * (1 + 1e-9), (lo, flops, hi)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)
         assert 0.05 < r["peak_mem_gb"] < 24
         per_layer = [r[f"attn/max_logit/layer{i}"] for i in layers]
         assert r["max_logit"] == max(per_layer) > 0
         clipped = [r[f"qk_clip/heads_clipped/layer{i}"] for i in layers]
         assert r["qk_clip/heads_clipped"] == sum(clipped) > 0  # tau 0.1: every layer has heads above it
         for i in moe_layers:
-            assert r[f"moe/load_imbalance/layer{i}"] >= 1.0 and r[f"moe/bias_spread/layer{i}"] >= 0
+            # Expert load: what the routers chose in this step's forward (every token's top-k copies, counted by
+            # the hooks); the router bias: DeepSeek-V3's update, b += gamma * sign(mean load - load), from those.
+            load = routed[r["step"]][i].double()
+            assert load.sum() == tokens * cfg.model.num_experts_per_tok
+            imbalance = (load.max() / load.mean()).item()
+            assert imbalance > 1  # an untrained router is not perfectly balanced
+            assert r[f"moe/load_imbalance/layer{i}"] == pytest.approx(imbalance, rel=1e-6)
+            bias[i] += cfg.model.bias_update_speed * torch.sign(load.mean() - load)
+            assert r[f"moe/bias_spread/layer{i}"] == pytest.approx((bias[i].max() - bias[i].min()).item(),
+                                                                   abs=1e-6)
             shares = r.get(f"moe/expert_load/layer{i}")
             if r["step"] in (1, 4, 8):
-                assert len(shares) == cfg.model.n_routed_experts and sum(shares) == pytest.approx(1, abs=1e-4)
-                assert max(shares) / (1 / len(shares)) == pytest.approx(r[f"moe/load_imbalance/layer{i}"],
-                                                                        rel=1e-3)
+                assert shares == pytest.approx((load / load.sum()).tolist(), abs=1e-5)
             else:
                 assert shares is None
         assert r["moe/dropped_tokens"] == 0 and r["nonfinite_steps"] == 0

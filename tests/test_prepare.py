@@ -267,3 +267,10 @@ def test_valid_jsonl_never_pays_for_line_numbers(inputs: tuple[Path, Counter[str
     monkeypatch.setattr(inputs_module, "_line_number", forbidden)
     src, _ = inputs
     prepare(tmp_path / "out", inputs=[str(src / "*.jsonl")], workers=0, unit_mb=0.002, progress=False)
+    # The patched function is the one an error message would use: invalid input does reach it.
+    (tmp_path / "bad").mkdir()
+    _write_jsonl(tmp_path / "bad" / "z.jsonl", ["fine"])
+    with (tmp_path / "bad" / "z.jsonl").open("a") as f:
+        f.write('{"text": "cut\n')
+    with pytest.raises(AssertionError, match="_line_number called"):
+        prepare(tmp_path / "out-bad", inputs=[str(tmp_path / "bad" / "*.jsonl")], workers=0, progress=False)
