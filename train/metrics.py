@@ -1,7 +1,8 @@
 """Where metrics go: a readable console line, JSONL in the run directory (always), wandb when enabled.
 
-Only rank 0 writes. JSONL is the source of truth (plots and reports read it, it needs no network);
-wandb mirrors it for dashboards and runs `offline` with no account.
+Only rank 0 writes. JSONL is the source of truth (plots and reports read it, it needs no network): strict
+JSON, a non-finite value (a NaN loss) written as null, every step exactly once however often the run was
+restarted. wandb mirrors it for dashboards and runs `offline` with no account.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def format_step_line(rec: dict[str, Any], total_steps: int) -> str:
 
 
 class MetricsLogger:
+    """`resumed_step`: the step this run continues from (0: a fresh start). Records of later steps, from an
+    earlier attempt in the same `out_dir`, are dropped: this run logs them again."""
+
     def __init__(self, cfg: ExperimentConfig, out_dir: Path, *, rank: int = 0, resumed_step: int = 0) -> None:
         self.enabled = rank == 0
         self.total_steps = cfg.train.steps
