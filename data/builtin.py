@@ -21,7 +21,6 @@ import platform
 import shutil
 import sys
 import sysconfig
-import tempfile
 import tokenize
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import platformdirs
 from tqdm import tqdm
 
-from data.shards import is_shard, write_shard
+from data.shards import is_shard, make_temp_dir, write_shard
 from data.tokenizer import ByteTokenizer
 
 try:  # POSIX only; elsewhere the atomic rename alone keeps concurrent builds correct (maybe duplicated)
@@ -161,7 +160,7 @@ def builtin_corpus(cache_dir: str | os.PathLike[str] | None = None, progress: bo
                 shutil.rmtree(stale, ignore_errors=True)
             if out.exists():
                 shutil.rmtree(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        tmp = make_temp_dir(root, f".{name}.tmp-")
         try:
             _build(tmp, files, tokenizer, progress)
             try:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from data.shards import Shard, ShardError, is_shard, open_shard
+from data.shards import TOKENS_FILE, DataError, Shard, ShardError, TokenIdError, is_shard, open_shard
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -131,12 +131,15 @@ class WindowDataset:
 
     ``dataset[i]`` is sample ``i`` of epoch 0 as an int64 array; `samples` reads any run of global samples
     (epochs wrap) and is what the loaders use. With ``shuffle=False`` sample ``i`` is window ``i``.
-    Picklable: memory maps are reopened in the receiving process instead of being copied.
+    Picklable: memory maps are reopened in the receiving process instead of being copied. With `vocab_size`,
+    every row `gather` returns is checked to hold ids below it (one vectorised max; shards have no header
+    and are not hashed on open, so this is where a corrupt or mismatched file is caught), raising
+    `TokenIdError` naming the file and offset.
     """
 
     def __init__(
         self, shard_paths: Sequence[str], seq_len: int, seed: int, shuffle: bool = True,
-        expected_fingerprint: str | None = None,
+        expected_fingerprint: str | None = None, vocab_size: int | None = None,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -147,6 +150,7 @@ class WindowDataset:
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self._expected_fingerprint = expected_fingerprint
+        self.check_vocab_size = vocab_size
         self._open()
         first = self._shards[0]
         self.tokenizer_fingerprint = first.tokenizer_fingerprint
@@ -256,7 +260,17 @@ class WindowDataset:
             out[rows] = self._window_view(k)[local[rows].astype(np.int64)]
         for row in np.nonzero(~inside)[0].tolist():  # the rare window that crosses into the next shard
             out[row] = self.window(int(starts[row]) // self.seq_len)
+        if self.check_vocab_size is not None and int(out.max()) >= self.check_vocab_size:
+            self._bad_token(out, starts)
         return out
+
+    def _bad_token(self, rows: np.ndarray, starts: np.ndarray) -> None:
+        """Raise TokenIdError for the first id >= check_vocab_size in `rows` (windows at stream offsets `starts`)."""
+        row, col = np.argwhere(rows >= self.check_vocab_size)[0].tolist()
+        offset = int(starts[row]) + col  # in the packed stream of all shards
+        k = bisect.bisect_right(self._starts, offset) - 1
+        raise TokenIdError(Path(self._shards[k].path) / TOKENS_FILE, offset - self._starts[k], int(rows[row, col]),
+                           self.check_vocab_size)
 
     def _window_view(self, k: int) -> np.ndarray:
         """Shard `k`'s tokens as a [num_tokens - seq_len, seq_len + 1] view of overlapping windows (no copy)."""
@@ -418,7 +432,7 @@ def open_source(path: str, cache_dir: str | None = None, progress: bool = True) 
         return [train], [val]
     root = Path(str(path)).expanduser()
     if not root.is_dir():
-        raise ValueError(f"data source {path!r} is neither 'builtin' nor an existing directory")
+        raise DataError(f"'{path}' is neither 'builtin' nor an existing directory")
     manifest_path = root / "dataset.json"
     if manifest_path.exists():
         try:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data.dataset import MixtureDataset, WindowDataset, derive_seed, open_source
-from data.shards import ShardError, open_shard
+from data.shards import DataError, ShardError, open_shard
 from data.tokenizer import Tokenizer, tokenizer_from_fingerprint
 
 Dataset = WindowDataset | MixtureDataset
@@ -147,8 +147,9 @@ def eval_batches(
                          f"0 <= dp_rank ({dp_rank}) < dp_world")
     available = len(val_dataset) // batch_size
     if available == 0:
-        raise ValueError(f"the validation set has {len(val_dataset)} windows of {val_dataset.seq_len + 1} "
-                         f"tokens, fewer than one eval batch of {batch_size}; lower the batch or seq_len")
+        raise DataError(f"train.global_batch_size: {batch_size} sequences are more than the validation set holds "
+                        f"({len(val_dataset)} windows of data.seq_len + 1 = {val_dataset.seq_len + 1} tokens), so "
+                        "there is no eval batch; lower it or data.seq_len, or set train.eval_interval=0")
     count = available if num_batches is None else min(int(num_batches), available)
     local = batch_size // dp_world
     for b in range(count):
@@ -164,54 +165,66 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def _sources(data_cfg: Any) -> list[tuple[str, float, str]]:
-    """(path, weight, name) of every configured source: `data.sources` if given, else `data.source`."""
+def _sources(data_cfg: Any) -> list[tuple[str, float, str, str]]:
+    """(path, weight, name, config key) of every configured source: `data.sources` if given, else `data.source`."""
     listed = _cfg_get(data_cfg, "sources", None) or []
     if not listed:
         path = str(_cfg_get(data_cfg, "source", "builtin"))
-        return [(path, 1.0, path)]
+        return [(path, 1.0, path, "data.source")]
     out = []
     for i, src in enumerate(listed):
         path = _cfg_get(src, "path", None)
         if not path:
-            raise ValueError(f"data.sources[{i}].path is missing")
+            raise DataError(f"data.sources[{i}].path: is missing")
         weight = _cfg_get(src, "weight", 1.0)
-        out.append((str(path), weight, str(_cfg_get(src, "name", None) or f"data.sources[{i}] ({path})")))
+        name = str(_cfg_get(src, "name", None) or f"data.sources[{i}] ({path})")
+        out.append((str(path), weight, name, f"data.sources[{i}].path"))
     return out
 
 
 def build_loaders(
     data_cfg: Any, seq_len: int, global_batch_size: int, seed: int, dp_rank: int = 0, dp_world: int = 1,
+    vocab_size: int | None = None,
 ) -> tuple[TokenBatchLoader, Dataset, Tokenizer]:
     """(train loader, validation dataset, tokenizer) for a `data:` config section.
 
     Keys: `source` — "builtin" (the Python standard library corpus) or a prepared directory; `sources` — a
     list of {path, weight, name} mixed by weight (replaces `source`); `cache_dir` — where the built-in corpus
     lives (null: default); `prefetch` — batches read ahead (default 2). Every source must use one tokenizer.
-    Every rank may call this at once.
+    `vocab_size` (the model's; None: no check) must cover the tokenizer, and every batch read is checked to
+    hold only ids below it (`TokenIdError` names the shard file and offset). Every rank may call this at once.
     """
     cache_dir = _cfg_get(data_cfg, "cache_dir", None)
     prefetch = int(_cfg_get(data_cfg, "prefetch", 2))
     sources = _sources(data_cfg)
-    opened = [open_source(path, cache_dir, progress=dp_rank == 0) for path, _, _ in sources]
+    opened = []
+    for path, _, _, key in sources:
+        try:
+            opened.append(open_source(path, cache_dir, progress=dp_rank == 0))
+        except DataError as e:
+            raise DataError(f"{key}: {e}") from e
     fingerprint = open_shard(opened[0][0][0]).tokenizer_fingerprint
-    search = [Path(path) for path, _, _ in sources if path != "builtin"]
+    search = [Path(path) for path, _, _, _ in sources if path != "builtin"]
     tokenizer = tokenizer_from_fingerprint(fingerprint, search=search)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise DataError(f"model.vocab_size: {vocab_size} is smaller than the data's tokenizer, which has "
+                        f"{tokenizer.vocab_size} ids; raise it to at least {tokenizer.vocab_size}")
     trains, vals = [], []
-    for i, ((train_paths, val_paths), (_, _, name)) in enumerate(zip(opened, sources, strict=True)):
+    for i, ((train_paths, val_paths), (_, _, name, key)) in enumerate(zip(opened, sources, strict=True)):
         try:
             source_seed = seed if len(sources) == 1 else derive_seed(seed, 0x5EED, i)
             trains.append(WindowDataset(train_paths, seq_len, source_seed, shuffle=True,
-                                        expected_fingerprint=fingerprint))
-            vals.append(WindowDataset(val_paths, seq_len, seed, shuffle=False, expected_fingerprint=fingerprint))
+                                        expected_fingerprint=fingerprint, vocab_size=vocab_size))
+            vals.append(WindowDataset(val_paths, seq_len, seed, shuffle=False, expected_fingerprint=fingerprint,
+                                      vocab_size=vocab_size))
         except ShardError as e:
             raise ShardError(e.path, f"{str(e).split(': ', 1)[-1]} (data source {name})") from e
         except ValueError as e:
-            raise ValueError(f"data source {name}: {e}") from e
+            raise DataError(f"{key}: {e} (data source {name})") from e
     if len(sources) == 1:
         train, val = trains[0], vals[0]
     else:
-        names, weights = [n for _, _, n in sources], [w for _, w, _ in sources]
+        names, weights = [n for _, _, n, _ in sources], [w for _, w, _, _ in sources]
         train: Dataset = MixtureDataset(trains, weights, seed, names=names)
         val = MixtureDataset(vals, weights, seed, names=names, shuffle=False)
     loader = TokenBatchLoader(train, global_batch_size, dp_rank=dp_rank, dp_world=dp_world, prefetch=prefetch)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +42,28 @@ _REQUIRED = {
 _CHUNK = 1 << 24  # bytes per read/write when hashing or copying
 
 
+class DataError(ValueError):
+    """Bad training data or data settings: the message names the config key or file at fault, so the
+    training CLI can print it as one `error:` line."""
+
+
 class ShardError(RuntimeError):
     """A shard is missing, incomplete, corrupt or made by another tokenizer; `path` is the file at fault."""
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
         self.path = str(path)
         super().__init__(f"{self.path}: {problem}")
+
+
+class TokenIdError(ShardError):
+    """A token id at or past the model's vocabulary, found in a batch: names the file, offset and id."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, token_id: int, vocab_size: int) -> None:
+        self.offset, self.token_id, self.vocab_size = offset, token_id, vocab_size
+        super().__init__(path, f"token id {token_id} at token offset {offset} is outside the vocabulary: "
+                               f"model.vocab_size={vocab_size} allows ids 0..{vocab_size - 1}. The file is corrupt "
+                               "(check it with `python -m data.prepare --out DIR --verify`) or was tokenized for a "
+                               "larger vocabulary (raise model.vocab_size or re-prepare the data)")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -67,6 +83,19 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def make_temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new, uniquely named, empty directory in `parent`, made the way `mkdir` makes one: mode 0o777 minus
+    the umask. (tempfile.mkdtemp's 0o700 would follow an output folder renamed into place from it, hiding it
+    from the group that shares the run or dataset.)"""
+    while True:
+        path = Path(parent) / f"{prefix}{secrets.token_hex(8)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # 64 random bits: practically never
+            continue
 
 
 def fsync_dir(path: Path) -> None:
@@ -105,7 +134,7 @@ class ShardWriter:
         self.metadata = metadata or {}
         self.num_tokens = self.num_docs = 0
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        self._tmp = make_temp_dir(self.dest.parent, f".{self.dest.name}.tmp-")
         self._tok_hash, self._doc_hash = hashlib.sha256(), hashlib.sha256()
         self._ftok = open(self._tmp / TOKENS_FILE, "wb", buffering=_CHUNK)
         self._fdoc = open(self._tmp / DOCS_FILE, "wb")

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from launch import slurm
 from launch.commands import (
@@ -30,9 +29,6 @@ from launch.commands import (
     shell_line,
 )
 from models.config import ConfigError
-
-if TYPE_CHECKING:
-    from train.config import ExperimentConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,17 +85,6 @@ def _default_ranks_per_node() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
-
-
-def check_layout(cfg: ExperimentConfig, world: int) -> None:
-    """The checks the trainer makes on the world size, made before launching (raises ConfigError)."""
-    from parallel.mesh import ParallelDims
-
-    ParallelDims.from_config(cfg.parallel, world, cfg.model.n_routed_experts)
-    t = cfg.train
-    if t.global_batch_size % world or (t.global_batch_size // world) % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must split into {world} rank(s) x "
-                          f"whole micro-batches of train.micro_batch_size={t.micro_batch_size}")
 
 
 def run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> int:
@@ -165,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     several = args.nodes > 1 or args.slurm
     restarts = args.max_restarts if args.max_restarts is not None else (3 if several else 0)
 
-    from train.config import load_config  # after argument errors: importing torch takes a moment
+    from train.config import load_config, validate_layout  # after argument errors: importing torch takes a moment
 
     try:
         cfg = load_config(args.config, args.overrides)
-        check_layout(cfg, args.nodes * ranks)
+        validate_layout(cfg, args.nodes * ranks)  # what every rank would check at start-up, checked here
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -109,51 +109,62 @@ class ModelConfig:
 
     # --- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
+        """Raise ConfigError `model.<field>: <what is wrong and what is allowed>` for the first bad field."""
+
+        def need(cond: bool, name: str, msg: str) -> None:
             if not cond:
-                raise ConfigError(f"model config: {msg}")
+                raise ConfigError(f"model.{name}: {msg}")
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                      "max_position_embeddings"):
-            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-             f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, num_hidden_layers="
-             f"{self.num_hidden_layers}]")
+            need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+             f"{self.first_k_dense_replace} must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
         if self.first_k_dense_replace > 0:
-            need(self.intermediate_size > 0, "intermediate_size must be > 0 when there are dense layers")
-        need(self.num_key_value_heads in (None, self.num_attention_heads),
-             f"MLA needs num_key_value_heads == num_attention_heads ({self.num_attention_heads}), "
-             f"got {self.num_key_value_heads}")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0,
-             f"q_lora_rank must be a positive int or null, got {self.q_lora_rank}")
-        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        need(self.hidden_act == "silu", f"hidden_act must be 'silu', got '{self.hidden_act}'")
-        need(self.scoring_func == "sigmoid", f"scoring_func must be 'sigmoid', got '{self.scoring_func}'")
-        need(self.attn_impl in ("eager", "sdpa"), f"attn_impl must be 'eager' or 'sdpa', got '{self.attn_impl}'")
+            need(self.intermediate_size > 0, "intermediate_size",
+                 f"must be > 0 when there are dense layers, got {self.intermediate_size}")
+        need(self.num_key_value_heads in (None, self.num_attention_heads), "num_key_value_heads",
+             f"MLA needs null or num_attention_heads ({self.num_attention_heads}), got {self.num_key_value_heads}")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank",
+             f"must be a positive int or null, got {self.q_lora_rank}")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even, got {self.qk_rope_head_dim}")
+        need(self.hidden_act == "silu", "hidden_act", f"must be 'silu', got '{self.hidden_act}'")
+        need(self.scoring_func == "sigmoid", "scoring_func", f"must be 'sigmoid', got '{self.scoring_func}'")
+        need(self.attn_impl in ("eager", "sdpa"), "attn_impl", f"must be 'eager' or 'sdpa', got '{self.attn_impl}'")
+        # NaN fails every comparison below, so these also refuse NaN.
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range", "routed_scaling_factor"):
+            need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("aux_loss_alpha", "bias_update_speed"):
+            need(getattr(self, name) >= 0, name, f"must be >= 0 (0 disables it), got {getattr(self, name)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            need(value is None or 0 <= value < self.vocab_size, name,
+                 f"must be null or in [0, vocab_size={self.vocab_size}), got {value}")
         if self.num_moe_layers > 0:
             e, k = self.n_routed_experts, self.num_experts_per_tok
-            need(e > 0 and self.moe_intermediate_size > 0,
-                 "n_routed_experts and moe_intermediate_size must be > 0 when there are MoE layers")
-            need(0 < k <= e, f"num_experts_per_tok={k} must lie in [1, n_routed_experts={e}]")
-            need(self.n_group >= 1 and e % self.n_group == 0,
+            need(e > 0, "n_routed_experts", f"must be > 0 when there are MoE layers, got {e}")
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size",
+                 f"must be > 0 when there are MoE layers, got {self.moe_intermediate_size}")
+            need(0 < k <= e, "num_experts_per_tok", f"{k} must lie in [1, n_routed_experts={e}]")
+            need(self.n_group >= 1 and e % self.n_group == 0, "n_group",
                  f"n_routed_experts={e} must be divisible by n_group={self.n_group}")
-            need(1 <= self.topk_group <= self.n_group,
-                 f"topk_group={self.topk_group} must lie in [1, n_group={self.n_group}]")
+            need(1 <= self.topk_group <= self.n_group, "topk_group",
+                 f"{self.topk_group} must lie in [1, n_group={self.n_group}]")
             if self.n_group > 1:
-                need(e // self.n_group >= 2, "each expert group needs >= 2 experts (groups are scored by "
-                     "their top-2 experts); lower n_group")
-            need(k <= self.topk_group * (e // self.n_group),
-                 f"num_experts_per_tok={k} exceeds the experts in topk_group={self.topk_group} groups "
+                need(e // self.n_group >= 2, "n_group", f"{self.n_group} leaves fewer than 2 experts per group "
+                     "(groups are scored by their top-2 experts); lower it")
+            need(k <= self.topk_group * (e // self.n_group), "num_experts_per_tok",
+                 f"{k} exceeds the experts in topk_group={self.topk_group} groups "
                  f"({self.topk_group * (e // self.n_group)}); raise topk_group or lower num_experts_per_tok")
-            need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
-            need(self.capacity_factor is None or self.capacity_factor > 0,
-                 f"capacity_factor must be null (dropless) or > 0, got {self.capacity_factor}")
+            need(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+            need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
+                 f"must be null (dropless) or > 0, got {self.capacity_factor}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            need(kind == "yarn", f"rope_scaling.type must be 'yarn' (or rope_scaling null), got {kind!r}")
+            need(kind == "yarn", "rope_scaling", f"type must be 'yarn' (or rope_scaling null), got {kind!r}")
             need("factor" in self.rope_scaling and "original_max_position_embeddings" in self.rope_scaling,
-                 "rope_scaling needs 'factor' and 'original_max_position_embeddings'")
+                 "rope_scaling", "needs 'factor' and 'original_max_position_embeddings'")
 
     # --- (de)serialization ------------------------------------------------------------------------
     @classmethod

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,7 +129,10 @@ def export_hf(model: Transformer, out_dir: str | os.PathLike, *, dtype: torch.dt
     if model.cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_dtype = dtype or next(model.parameters()).dtype
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # mkdir's mode (0o777 minus the umask), not mkdtemp's 0o700, which the export would keep once renamed into
+    # place. (data.shards.make_temp_dir does the same; models/ imports nothing from data/.)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.urandom(8).hex()}")
+    tmp.mkdir()
     try:
         _write_checkpoint(model, state, tmp, save_dtype, max_shard_bytes)
     except BaseException:

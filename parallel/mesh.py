@@ -33,23 +33,41 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, parallel_cfg: object, world: int, n_routed_experts: int) -> ParallelDims:
-        """Resolve `-1` ("the rest of the world") and validate, naming the key at fault."""
+        """Resolve `-1` ("the rest of the world") and validate, naming the key at fault.
+
+        One process has no data or expert parallelism: `dp_shard` and `ep` are ignored there (a config
+        written for a cluster still runs on one GPU; see `ignored_in_one_process`)."""
         dp_shard = int(getattr(parallel_cfg, "dp_shard", -1))
         ep = int(getattr(parallel_cfg, "ep", 1))
+        for key, value in (("dp_shard", dp_shard), ("ep", ep)):
+            if value < 1 and value != -1:
+                raise ConfigError(f"parallel.{key}: must be -1 (the whole data-parallel size) or >= 1, got {value}")
+        if world == 1:
+            return cls(world=1, dp_shard=1, ep=1)
         if dp_shard == -1:
             dp_shard = world
         if ep == -1:
             ep = dp_shard
         if dp_shard != world:
-            raise ConfigError(f"parallel.dp_shard={dp_shard} must equal the world size {world} (or be -1): "
+            raise ConfigError(f"parallel.dp_shard: {dp_shard} must equal the world size {world} (or be -1): "
                               "data parallelism is the only dimension so far")
-        if ep < 1 or dp_shard % ep:
-            raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size {dp_shard} "
-                              f"(valid: {[d for d in range(1, dp_shard + 1) if dp_shard % d == 0]})")
+        if dp_shard % ep:
+            raise ConfigError(f"parallel.ep: {ep} must divide the data-parallel size {dp_shard} "
+                              f"(allowed: {', '.join(str(d) for d in range(1, dp_shard + 1) if dp_shard % d == 0)})")
         if n_routed_experts and n_routed_experts % ep:
-            raise ConfigError(f"model.n_routed_experts={n_routed_experts} is not divisible by parallel.ep={ep}: "
-                              "each expert-parallel rank must hold the same number of whole experts")
+            raise ConfigError(f"parallel.ep: model.n_routed_experts={n_routed_experts} is not divisible by "
+                              f"parallel.ep={ep}; each expert-parallel rank must hold the same number of whole experts")
         return cls(world=world, dp_shard=dp_shard, ep=ep)
+
+
+def ignored_in_one_process(parallel_cfg: object) -> str | None:
+    """The notice to print when a single process is given a parallel layout it ignores, else None."""
+    dp_shard, ep = int(getattr(parallel_cfg, "dp_shard", -1)), int(getattr(parallel_cfg, "ep", 1))
+    ignored = [f"parallel.{k}={v}" for k, v in (("dp_shard", dp_shard), ("ep", ep)) if v not in (1, -1)]
+    if not ignored:
+        return None
+    return (f"note: {' and '.join(ignored)} ignored: this is one process, which holds every expert and the whole "
+            "batch (start several with `python -m launch --gpus-per-node N`)")
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:

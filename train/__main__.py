@@ -1,12 +1,28 @@
-"""`python -m train --config configs/tiny.yaml [key=value ...]`"""
+"""`python -m train --config configs/tiny.yaml [key=value ...]`
+
+A bad input (a config value, the layout for this many ranks, the data) prints one line,
+`error: <key or file>: <what is wrong and what is allowed>`, and exits 2, before anything is written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from data.shards import DataError, ShardError
 from models.config import ConfigError
-from train.config import load_config
+from parallel.mesh import ignored_in_one_process
+from train.config import load_config, validate_layout
+
+BAD_INPUT = (ConfigError, DataError, ShardError)
+
+
+def _bad_input(e: Exception, every_rank: bool = False) -> int:
+    """One `error:` line, exit code 2. Errors every rank meets alike are printed by rank 0 only."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,26 +36,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; what the trainer's process group will have
     try:
         cfg = load_config(args.config, args.overrides)
+        validate_layout(cfg, world)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _bad_input(e)
     if args.print_config:
         from train.config import to_yaml
 
         print(to_yaml(cfg), end="")
         return 0
 
+    import torch
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        return _bad_input(ConfigError("train.device: cuda, but no CUDA device is visible; use cpu or auto"))
+    notice = ignored_in_one_process(cfg.parallel) if world == 1 else None
+    if notice:
+        print(notice, file=sys.stderr)
+
     from train.trainer import Trainer, TrainingDiverged
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except BAD_INPUT as e:
+        return _bad_input(e)
     try:
         result = trainer.run()
     except TrainingDiverged as e:
         if trainer.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 3
+    except BAD_INPUT as e:  # e.g. a bad token id in a batch: only the rank that read it knows
+        return _bad_input(e, every_rank=True)
     finally:
         trainer.close()
     if trainer.rank == 0 and result.get("stopped_by"):

@@ -8,14 +8,21 @@ and the closest valid one, because a typo that silently falls back to a default 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
 from models.config import ConfigError, ModelConfig, unknown_key_message
+from optim.builder import registered_optimizers
+from optim.muon import NS_DTYPES
+from optim.schedules import DECAY_SHAPES, SCHEDULES, LRSchedule
+from parallel.mesh import ParallelDims
 
 
 @dataclass
@@ -72,7 +79,7 @@ class TrainConfig:
     out_dir: str = "runs/default"  # the run directory: metrics, checkpoints, resolved config
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile each block (not wired up yet: true is refused)
     log_interval: int = 1
     eval_interval: int = 100  # steps between validation passes; 0 = never
     eval_batches: int = 4
@@ -128,9 +135,10 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+@functools.cache
 def _schema() -> DictConfig:
     # ModelConfig validates in __post_init__; the schema only needs its field types, so build it with
-    # the class defaults (valid by construction).
+    # the class defaults (valid by construction). Built once (it is slow) and only read: merge copies it.
     return OmegaConf.structured(ExperimentConfig)
 
 
@@ -154,6 +162,9 @@ def _check_keys(schema: DictConfig, data: Any, prefix: str = "") -> None:
             raise _unknown_key_error(schema, dotted)
         sub = schema[key]
         if isinstance(sub, DictConfig) and dotted != "model.rope_scaling":
+            if not isinstance(value, (dict, DictConfig)):
+                raise ConfigError(f"{dotted}: is a group of keys, not a value; set one of its keys instead "
+                                  f"({dotted}.<key>=...; keys: {', '.join(str(k) for k in sub.keys())})")
             _check_keys(sub, value, dotted + ".")
         elif isinstance(sub, ListConfig) and isinstance(value, (list, ListConfig)):
             item_type = sub._metadata.element_type  # a list of structured configs (e.g. data.sources)
@@ -169,9 +180,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     sources = []
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        sources.append(OmegaConf.load(path))
+        if not path.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: must map groups to keys (model:, train:, ...), got a list")
+        sources.append(loaded)
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -182,10 +199,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             _check_keys(schema, OmegaConf.to_container(src, resolve=False))
             merged = OmegaConf.merge(merged, src)
         obj = OmegaConf.to_object(merged)
-    except (ConfigKeyError, ConfigAttributeError) as e:
-        raise ConfigError(f"config: {e}") from None
-    except ValidationError as e:
-        raise ConfigError(f"config: bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:  # a value of the wrong type, a broken ${interpolation}, ...
+        raise ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {str(e).splitlines()[0]}") from None
     assert isinstance(obj, ExperimentConfig)
     obj.model = ModelConfig.from_dict(dataclasses.asdict(obj.model))  # re-run validation on the final values
     validate(obj)
@@ -193,39 +208,123 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Cross-field checks the schema's types cannot express."""
-    t = cfg.train
+    """Checks the schema's types cannot express, each raising ConfigError `<key>: <what is wrong and what
+    is allowed>`. Everything that needs no world size is checked here, so a bad value fails before any
+    process starts; the world-size checks are in `validate_layout`."""
 
-    def need(cond: bool, msg: str) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
-            raise ConfigError(msg)
+            raise ConfigError(f"{key}: {msg}")
 
-    need(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
-    need(t.global_batch_size > 0 and t.micro_batch_size > 0, "train.global_batch_size and "
-         "train.micro_batch_size must be > 0")
-    need(cfg.data.seq_len > 0, f"data.seq_len must be > 0, got {cfg.data.seq_len}")
-    need(cfg.data.seq_len <= cfg.model.max_position_embeddings,
-         f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
-         f"{cfg.model.max_position_embeddings}")
-    need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got '{t.device}'")
-    need(t.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto|bf16|fp32, got '{t.dtype}'")
-    need(cfg.logging.wandb.mode in ("online", "offline", "disabled"),
-         f"logging.wandb.mode must be online|offline|disabled, got '{cfg.logging.wandb.mode}'")
-    need(cfg.parallel.activation_checkpointing in ("none", "selective", "full"),
-         "parallel.activation_checkpointing must be none|selective|full, got "
-         f"'{cfg.parallel.activation_checkpointing}'")
-    need(cfg.optim.warmup_steps <= t.steps, f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed "
-                                            f"train.steps ({t.steps}); lower it for a short run")
-    need(cfg.logging.expert_load_interval >= 1, "logging.expert_load_interval must be >= 1")
-    need(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}")
-    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
-    need(cfg.data.prefetch >= 0, f"data.prefetch must be >= 0, got {cfg.data.prefetch}")
-    need(not (cfg.data.sources and cfg.data.source != "builtin"),
+    def at_least(key: str, value: int, low: int, note: str = "") -> None:
+        need(value >= low, key, f"must be >= {low}{note}, got {value}")
+
+    def one_of(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+        need(value in allowed, key, f"must be one of {', '.join(allowed)}, got '{value}'")
+
+    # math.isfinite also refuses NaN, which passes no comparison but would pass a negated one.
+    def positive(key: str, value: float) -> None:
+        need(math.isfinite(value) and value > 0, key, f"must be a finite number > 0, got {value}")
+
+    def non_negative(key: str, value: float, note: str = "") -> None:
+        need(math.isfinite(value) and value >= 0, key, f"must be a finite number >= 0{note}, got {value}")
+
+    def fraction(key: str, value: float, below_one: bool = False) -> None:
+        ok = math.isfinite(value) and 0 <= value and (value < 1 if below_one else value <= 1)
+        need(ok, key, f"must be a number in [0, 1{')' if below_one else ']'}, got {value}")
+
+    t, d, o, lg = cfg.train, cfg.data, cfg.optim, cfg.logging
+    # train
+    at_least("train.steps", t.steps, 1)
+    at_least("train.global_batch_size", t.global_batch_size, 1)
+    at_least("train.micro_batch_size", t.micro_batch_size, 1)
+    need(t.global_batch_size % t.micro_batch_size == 0, "train.micro_batch_size",
+         f"{t.micro_batch_size} must divide train.global_batch_size={t.global_batch_size} (each rank runs whole "
+         "micro-batches)")
+    need(bool(t.out_dir), "train.out_dir", "must be a directory path, got an empty string")
+    one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+    one_of("train.dtype", t.dtype, ("auto", "bf16", "fp32"))
+    need(not t.compile, "train.compile", "true is not supported yet (torch.compile is not wired into the trainer); "
+                                         "set it to false")
+    at_least("train.log_interval", t.log_interval, 1)
+    at_least("train.eval_interval", t.eval_interval, 0, " (0 = never)")
+    at_least("train.eval_batches", t.eval_batches, 1, " (set train.eval_interval=0 to skip validation)")
+    need(t.threads is None or t.threads >= 1, "train.threads", f"must be null (torch's default) or >= 1, got "
+                                                                f"{t.threads}")
+    at_least("train.max_bad_steps", t.max_bad_steps, 0)
+    # data
+    at_least("data.seq_len", d.seq_len, 1)
+    need(d.seq_len <= cfg.model.max_position_embeddings, "data.seq_len",
+         f"{d.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    at_least("data.prefetch", d.prefetch, 0)
+    need(bool(d.source), "data.source", "must be 'builtin' or a prepared directory, got an empty string")
+    need(not (d.sources and d.source != "builtin"), "data.sources",
          "set either data.source (one source) or data.sources (a mixture), not both")
-    for i, src in enumerate(cfg.data.sources):
-        need(src.weight > 0, f"data.sources[{i}].weight must be > 0, got {src.weight} (remove the source to "
-                             "leave it out)")
-    need(cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}")
+    for i, src in enumerate(d.sources):
+        need(bool(src.path), f"data.sources[{i}].path", "must be 'builtin' or a prepared directory")
+        positive(f"data.sources[{i}].weight", src.weight)
+    # optim
+    one_of("optim.name", o.name.lower(), registered_optimizers())
+    positive("optim.lr", o.lr)
+    non_negative("optim.weight_decay", o.weight_decay)
+    need(len(o.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in o.betas), "optim.betas",
+         f"must be 2 numbers in [0, 1), got {list(o.betas)}")
+    positive("optim.eps", o.eps)
+    fraction("optim.momentum", o.momentum, below_one=True)
+    at_least("optim.ns_steps", o.ns_steps, 1)
+    one_of("optim.ns_dtype", o.ns_dtype, ("auto", *NS_DTYPES))
+    non_negative("optim.grad_clip", o.grad_clip, " (0 disables clipping)")
+    if o.qk_clip_tau is not None:
+        positive("optim.qk_clip_tau", o.qk_clip_tau)
+    one_of("optim.schedule", o.schedule, SCHEDULES)
+    at_least("optim.warmup_steps", o.warmup_steps, 0)
+    fraction("optim.min_lr_ratio", o.min_lr_ratio)
+    fraction("optim.decay_fraction", o.decay_fraction)
+    one_of("optim.decay_shape", o.decay_shape, DECAY_SHAPES)
+    need(o.warmup_steps <= t.steps, "optim.warmup_steps",
+         f"{o.warmup_steps} must not exceed train.steps ({t.steps}); lower it for a short run")
+    if o.schedule in ("cosine", "linear"):
+        need(o.warmup_steps < t.steps, "optim.warmup_steps",
+             f"{o.warmup_steps} must be < train.steps ({t.steps}) for the {o.schedule} schedule, which decays after "
+             "warmup")
+    if o.schedule == "wsd":
+        decay = LRSchedule("wsd", t.steps, decay_fraction=o.decay_fraction).decay_steps
+        need(o.warmup_steps + decay <= t.steps, "optim.warmup_steps",
+             f"{o.warmup_steps} + the wsd decay ({decay} steps = optim.decay_fraction {o.decay_fraction} x "
+             f"train.steps {t.steps}) exceed train.steps; lower optim.warmup_steps or optim.decay_fraction")
+    # parallel
+    for key in ("dp_shard", "ep"):
+        value = getattr(cfg.parallel, key)
+        need(value == -1 or value >= 1, f"parallel.{key}", f"must be -1 (the rest of the world) or >= 1, got {value}")
+    one_of("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, ("none", "selective", "full"))
+    # checkpoint
+    at_least("checkpoint.interval", cfg.checkpoint.interval, 0, " (0 = only at the end)")
+    at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    need(bool(cfg.checkpoint.resume), "checkpoint.resume", "must be auto, none or a checkpoint path, got an empty "
+                                                           "string")
+    # logging
+    one_of("logging.wandb.mode", lg.wandb.mode, ("online", "offline", "disabled"))
+    if lg.peak_tflops is not None:
+        positive("logging.peak_tflops", lg.peak_tflops)
+    at_least("logging.expert_load_interval", lg.expert_load_interval, 1)
+    at_least("logging.spike.window", lg.spike.window, 3)
+    positive("logging.spike.threshold", lg.spike.threshold)
+    non_negative("logging.spike.min_rel_spread", lg.spike.min_rel_spread)
+    at_least("logging.spike.warmup", lg.spike.warmup, 3)
+
+
+def validate_layout(cfg: ExperimentConfig, world: int) -> ParallelDims:
+    """The checks that need the number of ranks (`world`), raising ConfigError naming the key: `parallel.ep`
+    and `parallel.dp_shard` against the world and the experts, and the global batch split into `world` ranks
+    x whole micro-batches. `python -m launch` runs it before starting anything; the trainer at start-up."""
+    dims = ParallelDims.from_config(cfg.parallel, world, cfg.model.n_routed_experts)
+    t = cfg.train
+    if t.global_batch_size % world or (t.global_batch_size // world) % t.micro_batch_size:
+        step = world * t.micro_batch_size
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} does not split into {world} rank(s) x "
+                          f"whole micro-batches of train.micro_batch_size={t.micro_batch_size}; allowed: a multiple "
+                          f"of {step}, or at most {t.global_batch_size // t.micro_batch_size} rank(s)")
+    return dims
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
@@ -248,4 +347,5 @@ def from_dict(d: dict[str, Any]) -> ExperimentConfig:
     return obj
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "ListConfig", "load_config", "to_yaml", "to_dict", "from_dict"]
+__all__ = ["ConfigError", "ExperimentConfig", "ListConfig", "from_dict", "load_config", "to_dict", "to_yaml",
+           "validate", "validate_layout"]
