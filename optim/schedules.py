@@ -132,9 +132,14 @@ class LRSchedule:
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None, total_steps: int
+    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None, total_steps: int, last_step: int = 0
 ) -> LambdaLR:
-    """A ``LambdaLR`` applying :meth:`LRSchedule.from_config` to every param group.
+    """A ``LambdaLR`` applying :meth:`LRSchedule.from_config` to every param group, positioned at
+    ``last_step`` (the number of steps already taken; a resume passes the checkpoint's step).
+
+    Each group's ``lr`` at call time is its base LR (it becomes ``initial_lr``, the key LR schedulers read):
+    a resume therefore follows the schedule of *its* config from the checkpoint's step on, whatever LR the
+    saved run used.
 
     The lambda handed to ``LambdaLR`` is a plain function, so ``scheduler.state_dict()`` stores
     ``lr_lambdas: [None, ...]``: the state dict holds only numbers (it loads with
@@ -146,7 +151,12 @@ def build_lr_scheduler(
     def lr_lambda(step: int) -> float:
         return schedule(step)
 
-    return LambdaLR(optimizer, lr_lambda=lr_lambda)
+    if last_step < 0:
+        raise ValueError(f"last_step must be >= 0, got {last_step}")
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    # LambdaLR's constructor takes one step from last_epoch: last_step - 1 lands on last_step.
+    return LambdaLR(optimizer, lr_lambda=lr_lambda, last_epoch=last_step - 1)
 
 
 def _check_int(key: str, value: Any, minimum: int) -> None:

@@ -171,7 +171,7 @@ def test_default_dtype_is_bf16_and_step_selects_a_checkpoint(single_run, tmp_pat
 def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, single_run, cache_dir, tmp_path,
                                                              capsys, monkeypatch) -> None:
     ckpt = four_rank_run / "checkpoints" / "step-1"
-    assert len(list(ckpt.glob("train_state-rank*.pt"))) == 4
+    assert len(list(ckpt.glob("train_state-rank*.json"))) == 4
     meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     experts = meta["model.layers.1.mlp.experts.gate_proj"]
     assert len(experts.chunks) > 1 and all(c.sizes[0] < experts.size[0] for c in experts.chunks)  # sharded

@@ -49,4 +49,4 @@ def test_torchrun_four_ranks_expert_parallel_matches_one_process(tmp_path: Path)
     train_losses = [r["loss"] for r in got if "loss" in r]
     assert train_losses[-1] < 0.8 * train_losses[0]
     ckpt = dist_dir / "checkpoints" / "step-8"
-    assert (ckpt / "COMPLETE").exists() and len(list(ckpt.glob("train_state-rank*.pt"))) == 4
+    assert (ckpt / "COMPLETE").exists() and len(list(ckpt.glob("train_state-rank*.json"))) == 4

@@ -1,7 +1,9 @@
 """`python -m train --config configs/tiny.yaml [key=value ...]`
 
-A bad input (a config value, the layout for this many ranks, the data) prints one line,
-`error: <key or file>: <what is wrong and what is allowed>`, and exits 2, before anything is written.
+A bad input (a config value, the layout for this many ranks, the data, a checkpoint that fails its
+checks) prints one line, `error: <key or file>: <what is wrong and what is allowed>`, and exits 2, before
+anything is written. Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving), 1 a checkpoint could
+not be saved (e.g. a full disk), 2 bad input, 3 training diverged, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,12 +12,19 @@ import argparse
 import os
 import sys
 
+from train.signals import stop_signals
+
+if __name__ == "__main__":  # before the imports below (seconds of torch): a signal from now on is honoured
+    stop_signals.install()
+
 from data.shards import DataError, ShardError
 from models.config import ConfigError
 from parallel.mesh import ignored_in_one_process
+from train.checkpoint import CheckpointError
 from train.config import load_config, validate_layout
 
-BAD_INPUT = (ConfigError, DataError, ShardError)
+BAD_INPUT = (ConfigError, DataError, ShardError, CheckpointError)
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def _bad_input(e: Exception, every_rank: bool = False) -> int:
@@ -62,22 +71,37 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
     except BAD_INPUT as e:
         return _bad_input(e)
+    except KeyboardInterrupt:
+        print("interrupted during start-up", file=sys.stderr)
+        return INTERRUPTED
     try:
         result = trainer.run()
     except TrainingDiverged as e:
         if trainer.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:  # a save failed (disk full, ...): every rank raises it; the last good one stays
+        if trainer.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except BAD_INPUT as e:  # e.g. a bad token id in a batch: only the rank that read it knows
         return _bad_input(e, every_rank=True)
+    except KeyboardInterrupt:  # the second Ctrl-C: leave now, without the save
+        if trainer.rank == 0:
+            print(f"interrupted at step {trainer.step} without saving; rerunning the same command resumes from "
+                  "the last checkpoint", file=sys.stderr)
+        return INTERRUPTED
     finally:
         trainer.close()
-    if trainer.rank == 0 and result.get("stopped_by"):
-        print(f"stopped by {result['stopped_by']} after step {result['step']}; the checkpoint is saved and "
-              f"rerunning the same command resumes from it", file=sys.stderr)
+    stopped_by = result.get("stopped_by")
+    if trainer.rank == 0 and stopped_by:
+        saved = "the checkpoint is saved and " if result.get("step") else ""
+        print(f"stopped by {stopped_by} at step {trainer.step}; {saved}rerunning the same command resumes",
+              file=sys.stderr)
     elif trainer.rank == 0 and result.get("first_loss") is not None:
-        print(f"done: loss {result['first_loss']:.4f} -> {result['loss']:.4f} over steps 1..{result['step']}")
-    return 0
+        print(f"done: loss {result['first_loss']:.4f} -> {result['loss']:.4f} over steps "
+              f"{result['first_step']}..{result['step']}")
+    return INTERRUPTED if stopped_by == "SIGINT" else 0
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,6 @@ from models.plan import flops_per_token
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
 from optim.qk_clip import qk_clip_
 from parallel import (
-    ParallelDims,
     all_reduce_max,
     all_reduce_mean,
     all_reduce_sum,
@@ -37,9 +34,11 @@ from parallel import (
     init_distributed,
     parallelize,
 )
-from train.checkpoint import Checkpointer, list_checkpoints, load_checkpoint, resolve_resume
-from train.config import ExperimentConfig, to_yaml
+from train.checkpoint import Checkpointer, find_resume, list_checkpoints, load_checkpoint, read_train_state
+from train.config import ExperimentConfig, to_yaml, validate_layout
 from train.metrics import MetricsLogger, detect_peak_tflops, peak_memory_gb
+from train.resume import check_resume
+from train.signals import stop_signals
 from train.spikes import SpikeDetector
 
 
@@ -75,12 +74,21 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message names the last good checkpoint."""
 
 
-_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # what schedulers (Slurm: --signal, preemption) send before a kill
 
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
+        # Handlers first (`python -m train` installs them even before importing torch): a stop signal during
+        # start-up, minutes at scale, is honoured once start-up is done.
+        stop_signals.install()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            stop_signals.restore()
+            raise
+
+    def _setup(self, cfg: ExperimentConfig) -> None:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -90,54 +98,47 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dims = ParallelDims.from_config(cfg.parallel, self.world, cfg.model.n_routed_experts)
+        self.dims = validate_layout(cfg, self.world)
         self.mesh = build_mesh(self.dims, self.device.type) if self.world > 1 else None
         self.amp_dtype = autocast_dtype(t.dtype, self.device)
         torch.manual_seed(t.seed)
 
-        per_rank = t.global_batch_size // self.world
-        if t.global_batch_size % self.world or per_rank % t.micro_batch_size:
-            raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} must split into {self.world} rank(s) x "
-                f"whole micro-batches of train.micro_batch_size={t.micro_batch_size}")
-        self.accum_steps = per_rank // t.micro_batch_size
+        self.accum_steps = t.global_batch_size // self.world // t.micro_batch_size
 
         self.model = build_model(cfg, self.device, self.mesh)
         self.optimizer = build_optimizer(self.model, dataclasses.asdict(cfg.optim))
-        self.scheduler = build_lr_scheduler(self.optimizer, dataclasses.asdict(cfg.optim), t.steps)
         self.train_loader, self.val_dataset, self.tokenizer = build_loaders(
             cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size, seed=t.seed,
-            dp_rank=self.rank, dp_world=self.world)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
-                             f"{cfg.model.vocab_size}; raise model.vocab_size")
+            dp_rank=self.rank, dp_world=self.world, vocab_size=cfg.model.vocab_size)
 
         self.step = 0
         self.tokens_seen = 0
-        resume = resolve_resume(cfg.checkpoint.resume, self.out_dir)
+        self.nonfinite_steps = 0  # skipped updates
+        self.spikes = SpikeDetector(**dataclasses.asdict(cfg.logging.spike))
+        self._notes: list[str] = []  # start-up messages, shown once the metrics logger exists
+        trust = cfg.checkpoint.trust_pickle
+        resume = find_resume(cfg.checkpoint.resume, self.out_dir, trust_pickle=trust, notify=self._notes.append)
         if resume is not None:
-            state = load_checkpoint(resume, self.model, self.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
-            # The optimizer state carries the LR of the saved run's schedule; take this config's instead (the
-            # same value on a plain resume, the right one when a run is extended with a larger train.steps).
-            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                       self.scheduler.lr_lambdas, strict=True):
-                group["lr"] = base * fn(self.scheduler.last_epoch)
-            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            # Config first (refuses what cannot continue, lists what changed), then state only: the model's and
+            # optimizer's tensors, data position, counters, RNG. Hyperparameters stay this config's.
+            self._notes += check_resume(resume, cfg, self.model, read_train_state(resume, trust_pickle=trust),
+                                        self.tokenizer.fingerprint)
+            state = load_checkpoint(resume, self.model, self.optimizer, trust_pickle=trust)
             self.train_loader.load_state_dict(state["data"])
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.nonfinite_steps = state.get("nonfinite_steps", 0)
+            if "spikes" in state:
+                self.spikes.load_state_dict(state["spikes"])
+        # The LR schedule of this config, from the checkpoint's step on.
+        self.scheduler = build_lr_scheduler(self.optimizer, dataclasses.asdict(cfg.optim), t.steps,
+                                            last_step=self.step)
         self.resumed_from = resume
         self.metrics = MetricsLogger(cfg, self.out_dir, rank=self.rank, resumed_step=self.step)
         self.checkpointer = Checkpointer(self.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save,
-                                         device=self.device)
-        self.nonfinite_steps = state.get("nonfinite_steps", 0) if resume is not None else 0  # skipped updates
-        self.spikes = SpikeDetector(**dataclasses.asdict(cfg.logging.spike))
-        if resume is not None and "spikes" in state:
-            self.spikes.load_state_dict(state["spikes"])
+                                         device=self.device, protect=resume)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # the same count as models.plan
         self.peak_tflops = cfg.logging.peak_tflops or detect_peak_tflops(self.device)
         self._bad_in_a_row = 0
-        self._stop_signal: int | None = None
         self._sample_log = None
         if t.sample_log:
             log_dir = self.out_dir / "samples"
@@ -311,8 +312,8 @@ class Trainer:
     def save(self, wait: bool = False) -> Path | None:
         """Checkpoint the current step (in the background with `checkpoint.async_save`, unless `wait`)."""
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_steps,
-                 "spikes": self.spikes.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "data": self.train_loader.state_dict()}
+                 "spikes": self.spikes.state_dict(), "data": self.train_loader.state_dict(),
+                 "tokenizer": self.tokenizer.fingerprint}
         path = self.checkpointer.save(self.step, self.model, self.optimizer, state, to_yaml(self.cfg))
         if wait:
             path = self.checkpointer.wait() or path
@@ -321,31 +322,17 @@ class Trainer:
         return path
 
     # --- signals ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Any:
-        """SIGTERM / SIGUSR1 only set a flag; the loop saves and exits at the next step boundary."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {}
-
-        def request_stop(signum: int, frame: Any) -> None:
-            self._stop_signal = signum
-
-        for name in _STOP_SIGNALS:
-            if hasattr(signal, name):
-                sig = getattr(signal, name)
-                previous[sig] = signal.signal(sig, request_stop)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _stop_requested(self) -> bool:
-        """Whether any rank got a stop signal (a scheduler may signal only some of them)."""
-        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
-        return bool(all_reduce_max(flag).item()) if self.world > 1 else flag.item() == 1.0
+    def _stopped_by(self, trained: bool = True) -> str | None:
+        """The stop signal's name if any rank got one (a scheduler may signal only some of them), else None."""
+        flag = torch.tensor([0.0 if stop_signals.received is None else 1.0], device=self.device)
+        if self.world > 1:
+            flag = all_reduce_max(flag)
+        if flag.item() == 0.0:
+            return None
+        name = stop_signals.name or "another rank"
+        self.metrics.event(f"{name} received: " + (f"saving step {self.step} and exiting" if trained else
+                                                    "exiting before the first step"))
+        return name
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -360,15 +347,18 @@ class Trainer:
             f"dtype {self.amp_dtype or torch.float32}, {t.global_batch_size} x {cfg.data.seq_len} tokens/step "
             f"({self.accum_steps} micro-batch(es)), run dir {self.out_dir}")
         self.metrics.event(describe_groups(split_params(m)))
+        for note in self._notes:
+            self.metrics.event(note)
         if self.resumed_from is not None:
             self.metrics.event(f"resumed from {self.resumed_from} at step {self.step}")
 
         bar = _progress(t.steps, self.step, enabled=cfg.logging.progress and self.rank == 0)
         last: dict[str, Any] = {}
         first_loss = None
-        stopped_by = None
-        with self._stop_on_signals():
-            while self.step < t.steps:
+        first_step = self.step + 1
+        stopped_by = self._stopped_by(trained=False) if self.step < t.steps else None  # a signal during start-up
+        try:
+            while self.step < t.steps and stopped_by is None:
                 rec = self.train_step()
                 first_loss = rec["loss"] if first_loss is None else first_loss
                 last = rec
@@ -381,12 +371,11 @@ class Trainer:
                 published = self.checkpointer.poll()
                 if published is not None:
                     self.metrics.event(f"saved checkpoint {published}")
-                if self._stop_requested():
-                    stopped_by = signal.Signals(self._stop_signal).name if self._stop_signal else "another rank"
-                    self.metrics.event(f"{stopped_by} received: saving step {self.step} and exiting")
-                    break
-                if ck.interval and self.step % ck.interval == 0 and self.step < t.steps:
+                stopped_by = self._stopped_by()
+                if stopped_by is None and ck.interval and self.step % ck.interval == 0 and self.step < t.steps:
                     self.save()
+        finally:
+            stop_signals.restore()
         if bar is not None:
             bar.close()
         if (ck.save_final or stopped_by) and last:
@@ -396,10 +385,11 @@ class Trainer:
         if self._sample_log is not None:
             self._sample_log.close()
         self.metrics.close()
-        return {"first_loss": first_loss, "stopped_by": stopped_by, **last}
+        return {"first_loss": first_loss, "first_step": first_step, "stopped_by": stopped_by, **last}
 
     def close(self) -> None:
-        """Leave the process group (torchrun ranks); a no-op in one process."""
+        """Leave the process group (torchrun ranks; a no-op in one process) and the signal handlers."""
+        stop_signals.restore()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
