@@ -149,8 +149,9 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
         return
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise PrepareError(f"{path}: unreadable plan of an earlier run ({e}); use a new --out") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrepareError(f"{path}: unreadable plan of an earlier run ({type(e).__name__}); use a new --out") \
+            from None
     for key in sorted(set(old) | set(plan)):
         if old.get(key) != plan.get(key):
             if key == "files":
@@ -261,7 +262,10 @@ def prepare(
         if (out / DATASET_FILE).exists():
             if progress:
                 print(f"{out}: already complete ({DATASET_FILE} exists); nothing to do", file=sys.stderr)
-            return json.loads((out / DATASET_FILE).read_text(encoding="utf-8"))
+            try:
+                return json.loads((out / DATASET_FILE).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise PrepareError(f"{out / DATASET_FILE}: unreadable ({type(e).__name__})") from None
         tok_spec = tokenizer
         if getattr(tok, "path", None) is not None:
             dest = out / TOKENIZER_FILE

@@ -176,17 +176,39 @@ def _write_checkpoint(model: Transformer, state: dict[str, torch.Tensor], tmp: P
     (tmp / "config.json").write_text(json.dumps(to_hf_config(model.cfg, save_dtype), indent=2) + "\n")
 
 
+class HFCheckpointError(ValueError):
+    """A file of a released-layout checkpoint that cannot be read; the message names it."""
+
+
+def _read_json(path: Path) -> Any:
+    """JSON only (never a pickle): a damaged or substituted file is an error naming it."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFCheckpointError(f"{path}: not readable JSON ({type(e).__name__})") from None
+
+
 def read_hf_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint directory (sharded with an index, or a single file)."""
     ckpt_dir = Path(ckpt_dir)
     index = ckpt_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-        "model.safetensors"]
+    if index.exists():
+        doc = _read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise HFCheckpointError(f"{index}: no weight_map")
+        files = sorted(set(map(str, weight_map.values())))
+    else:
+        files = ["model.safetensors"]
     tensors = {}
     for fname in files:
-        with safe_open(str(ckpt_dir / fname), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        path = ckpt_dir / fname
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types; name the file
+            raise HFCheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
     return tensors
 
 
@@ -195,7 +217,11 @@ def import_hf(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
     """Load a released-layout checkpoint into a Chogori `Transformer` (built on the meta device first,
     so no memory is spent on a throwaway random init). `dtype=None` keeps the stored dtype."""
     ckpt_dir = Path(ckpt_dir)
-    cfg = from_hf_config(json.loads((ckpt_dir / "config.json").read_text()))
+    config = _read_json(ckpt_dir / "config.json")
+    try:
+        cfg = from_hf_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise HFCheckpointError(f"{ckpt_dir / 'config.json'}: not a DeepSeek-V3 config ({e})") from None
     state = from_hf_tensors(read_hf_tensors(ckpt_dir), cfg)
     with torch.device("meta"):
         model = Transformer(cfg)

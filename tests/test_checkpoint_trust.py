@@ -270,3 +270,52 @@ def test_a_full_disk_during_a_save_keeps_the_last_good_checkpoint(cache_dir: str
     assert trainer.step == 2
     trainer.run()
     assert sorted(records(out)) == [1, 2, 3, 4]
+
+
+def test_a_planted_pickle_in_any_dataset_or_hf_export_file_is_refused(tmp_path: Path) -> None:
+    """Datasets (data.prepare, with a BPE tokenizer.json) and Hugging Face exports hold JSON, raw tokens and
+    safetensors only: a pickle planted in any of their files is refused naming that file, and never runs."""
+    import sysconfig
+
+    from data.loader import build_loaders
+    from data.prepare import prepare
+    from data.tokenizer import train_bpe
+    from models import Transformer
+    from models.hf import export_hf, import_hf
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in (stdlib / "json").glob("*.py")) + [str(stdlib / "textwrap.py")]
+    train_bpe(files, 280, str(tmp_path / "bpe.json"), show_progress=False)
+    dataset = tmp_path / "ds"
+    prepare(dataset, inputs=files, tokenizer=str(tmp_path / "bpe.json"), val_fraction=0.3, workers=0,
+            progress=False)
+    cfg = config(tmp_path / "unused", str(tmp_path)).model.replace(num_hidden_layers=2, vocab_size=320)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    export = tmp_path / "hf"
+    export_hf(model, export, max_shard_bytes=1 << 20)  # several shards and an index
+
+    def load_dataset(root: Path) -> None:
+        """What reads a dataset: the loader, and a rerun of prepare (it resumes from prepare.json)."""
+        loader, _, _ = build_loaders({"source": str(root), "prefetch": 0}, 32, 4, seed=0, vocab_size=320)
+        next(loader)
+        loader.close()
+        prepare(root, inputs=files, tokenizer=str(tmp_path / "bpe.json"), val_fraction=0.3, workers=0,
+                progress=False)
+
+    marker = tmp_path / "pwned"
+    cases = [(dataset, load_dataset), (export, import_hf)]
+    for root, load in cases:
+        load(root)  # the untouched copy loads
+        planted = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.suffix != ".lock")
+        assert len(planted) >= 4, planted
+        for rel in planted:
+            copy = tmp_path / "copies" / f"{root.name}-{str(rel).replace('/', '_')}"
+            shutil.copytree(root, copy)
+            plant(copy / rel, marker)
+            with pytest.raises(Exception) as e:  # noqa: B017 - each loader has its own error type; the text matters
+                load(copy)
+            assert str(copy / rel) in str(e.value), (rel, repr(e.value))
+            assert not marker.exists(), rel

@@ -1,9 +1,10 @@
-"""`python -m models.export CHECKPOINT_DIR OUT_DIR`: real training checkpoints (one process, and 4 gloo ranks with
+"""`python -m tools.export CHECKPOINT_DIR OUT_DIR`: real training checkpoints (one process, and 4 gloo ranks with
 experts sharded) exported to the released layout, checked with `transformers` and against DCP's own
 full-tensor conversion; plus the refusals (incomplete checkpoints, bad paths, config/weights mismatch)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,8 +24,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from models import ModelConfig, Transformer
-from models.export import main, read_model_config, resolve_checkpoint
 from models.hf import from_hf_tensors, read_hf_tensors
+from tools.export import main, read_model_config, resolve_checkpoint
 from train.config import load_config
 from train.trainer import Trainer
 
@@ -44,7 +45,7 @@ def overrides(**kv: object) -> list[str]:
 
 def export_cli(*args: object) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "models.export", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "tools.export", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -66,7 +67,7 @@ def logits_diff(ours: Transformer, hf_dir: Path, vocab: int, seq: int = 48) -> f
 
 
 def full_model_tensors(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's model tensors, full size, by DCP's own converter (independent of models.export)."""
+    """The checkpoint's model tensors, full size, by DCP's own converter (independent of tools.export)."""
     dcp_to_torch_save(str(ckpt), str(tmp / "full.pt"))
     return torch.load(tmp / "full.pt", weights_only=False)["model"]
 
@@ -236,6 +237,14 @@ def copy_checkpoint(src: Path, dst: Path, complete: bool = True) -> Path:
     return dst
 
 
+def edit_config(ckpt: Path, doc: dict) -> None:
+    """Rewrite config.yaml *and* its checksum: a config that does not match the weights, consistently saved."""
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(doc))
+    sums = json.loads((ckpt / "checksums-rank0.json").read_text())
+    sums["config.yaml"] = hashlib.sha256((ckpt / "config.yaml").read_bytes()).hexdigest()
+    (ckpt / "checksums-rank0.json").write_text(json.dumps(sums))
+
+
 def test_incomplete_checkpoints_are_refused_and_never_chosen(single_run, tmp_path, capsys) -> None:
     src = single_run[0] / "checkpoints"
     root = tmp_path / "run" / "checkpoints"
@@ -290,29 +299,36 @@ def test_config_not_matching_the_weights_lists_the_keys(single_run, tmp_path, ca
     ckpt = copy_checkpoint(single_run[0] / "checkpoints" / "step-3", tmp_path / "step-3")
     doc = yaml.safe_load((ckpt / "config.yaml").read_text())
     doc["model"]["num_hidden_layers"] = 5  # one layer more than the checkpoint holds
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(doc))
+    edit_config(ckpt, doc)
     assert main([str(ckpt), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "missing from the checkpoint" in err and "layers.4.self_attn.o_proj.weight" in err
     doc["model"]["num_hidden_layers"] = 3  # one layer fewer
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(doc))
+    edit_config(ckpt, doc)
     assert main([str(ckpt), str(tmp_path / "x")]) == 2
     assert "lacks" in (err := capsys.readouterr().err) and "layers.3.mlp.gate.weight" in err
     doc["model"]["num_hidden_layers"] = 4
     doc["model"]["moe_intermediate_size"] = 64  # same keys, other shapes
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(doc))
+    edit_config(ckpt, doc)
     assert main([str(ckpt), str(tmp_path / "x")]) == 2
     assert "layers.1.mlp.experts.gate_proj (8, 96, 128) vs (8, 64, 128)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_damaged_checkpoint_is_a_one_line_error(single_run, tmp_path, capsys) -> None:
-    """DCP reports a failed read as CheckpointException (a BaseException): still exit 2 with one line."""
+    """A truncated data file fails its checksum, naming the file; without checksums to compare against (a plain
+    DCP checkpoint), DCP's failed read (a CheckpointException, a BaseException) is still one line, exit 2."""
     ckpt = copy_checkpoint(single_run[0] / "checkpoints" / "step-3", tmp_path / "step-3")
     (data,) = ckpt.glob("*.distcp")
     with open(data, "r+b") as f:
         f.truncate(1000)
     assert main([str(ckpt), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {ckpt}: reading the model tensors failed") and err.count("\n") == 1
+    assert err == f"error: {data}: checksum mismatch (the file changed after it was saved)\n"
+    for f in ckpt.glob("checksums-rank*.json"):
+        f.unlink()
+    (ckpt / "COMPLETE").write_text("step 3\n")
+    assert main([str(ckpt), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}: truncated") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import contextlib
 import errno
 import hashlib
 import json
@@ -38,6 +39,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from data.shards import fsync_dir
 from models.config import ConfigError
-from models.export import quiet_dcp
 
 COMPLETE = "COMPLETE"
 METADATA = ".metadata"
@@ -71,6 +72,15 @@ class CorruptCheckpoint(CheckpointError):
 
 class UntrustedCheckpoint(CheckpointError):
     """A file that would have to be unpickled with arbitrary classes (an older format, or a planted file)."""
+
+
+@contextlib.contextmanager
+def quiet_dcp() -> Iterator[None]:
+    """DCP warns at every call that it runs without a process group; in one process that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+        yield
 
 
 def _rank() -> int:
@@ -168,7 +178,11 @@ def save_sequence(path: Path) -> int:
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run as (step, path), in save order: the last one is the newest save.
     Incomplete or temporary directories are ignored."""
-    root = checkpoint_root(out_dir)
+    return complete_checkpoints(checkpoint_root(out_dir))
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """The complete `step-<N>` checkpoints directly under `root`, in save order (see `list_checkpoints`)."""
     found = []
     if root.is_dir():
         for p in root.iterdir():
@@ -275,7 +289,10 @@ def verify_checkpoint(ckpt: Path, *, trust_pickle: bool = False) -> None:
     rank, world = _rank(), _world()
     error = None
     try:
-        n_saved = read_marker(ckpt).get("ranks", 1)  # how many ranks saved it, hence wrote a checksums file
+        marker = read_marker(ckpt)
+        if "ranks" not in marker and not (ckpt / _checksum_file(0)).exists():
+            return  # a plain DCP checkpoint from elsewhere (no checksums to verify; still read safely)
+        n_saved = marker.get("ranks", 1)  # how many ranks saved it, hence wrote a checksums file
         for saver in range(rank, n_saved, world):
             sums = _read_json(ckpt / _checksum_file(saver))
             for name, digest in sorted(sums.items()):
@@ -351,7 +368,10 @@ class SafeFileSystemReader(FileSystemReader):
                 with open(path, "rb") as f:
                     for offset in sorted(offsets):
                         f.seek(offset)
-                        if f.read(4) != _ZIP_MAGIC:
+                        head = f.read(len(_ZIP_MAGIC))
+                        if len(head) < len(_ZIP_MAGIC):
+                            raise CorruptCheckpoint(f"{path}: truncated (DCP's metadata expects data at byte {offset})")
+                        if head != _ZIP_MAGIC:
                             raise UntrustedCheckpoint(f"{path}: not DCP tensor data (at byte {offset})")
             except OSError as e:
                 raise CorruptCheckpoint(f"{path}: unreadable ({e.strerror})") from None
@@ -373,8 +393,8 @@ def _dcp_failure(path: Path, e: BaseException) -> CheckpointError:
     """DCP wraps per-rank failures in CheckpointException (a BaseException); surface the first cause."""
     causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
     cause = causes[0] if causes else e
-    if isinstance(cause, CheckpointError):
-        return type(cause)(f"{path}: {cause}")
+    if isinstance(cause, CheckpointError):  # already names its file
+        return cause
     detail = (str(cause).strip().splitlines() or [""])[0]
     return CheckpointError(f"{path}: reading failed ({type(cause).__name__}{': ' + detail if detail else ''})")
 

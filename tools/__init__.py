@@ -1,0 +1,1 @@
+"""Programs around the network and the trainer (export, ...): they may import any package; none imports them."""
