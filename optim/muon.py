@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from optim.builder import adamw_hparams, param_group_dicts, resolve_fused
+from optim.hparams import adamw_hparams, param_group_dicts, resolve_fused
 from optim.newton_schulz import NS_STEPS, zeropower_via_newtonschulz5
 from optim.param_groups import ParamGroups
 
@@ -378,7 +378,7 @@ def _normalize_muon_hparams(d: dict[str, Any]) -> None:
 
 
 def build_muon(model: nn.Module, groups: ParamGroups, cfg: Mapping[str, Any]) -> Muon:
-    """The ``muon`` optimizer of :func:`optim.build_optimizer`: Muon on the "matrix" group, AdamW on
+    """The ``muon`` factory registered in optim/builder.py: Muon on the "matrix" group, AdamW on
     "embedding" (decayed) and "vector" (no decay), one shared peak ``lr``; AdamW's ``betas`` / ``eps`` /
     ``fused`` as the ``adamw`` factory reads them. Groups keep their ``"group"`` tag, in the order
     matrix, embedding, vector."""
