@@ -4,7 +4,7 @@
 
 For each n: ``sym_matmul(x)`` vs ``torch.matmul(x, x.T)`` on a square ``[n, n]`` x (the Gram matrix ``A = X Xᵀ``
 of an NS step, and with it the ``A²`` product), and a whole 5-step NS: PyTorch's
-(``zeropower_via_newtonschulz5`` with the Triton hook switched off) vs ``newton_schulz_triton``. The SYRK
+(``zeropower_via_newtonschulz5(triton=False)``) vs the kernel's (``triton=True``). The SYRK
 does half the FLOPs of the full product, so 2x is its ceiling; TFLOP/s are counted on the full product's
 ``2 n² k`` FLOPs for both, so the columns compare directly. Needs CUDA and Triton; exits otherwise.
 """
@@ -63,10 +63,8 @@ def main() -> None:
         t_syrk = timeit(lambda x=x: triton_ns.sym_matmul(x), iters=args.iters)
         err = (triton_ns.sym_matmul(x).float() - torch.matmul(x, x.T).float()).abs().max().item()
         flops = 2 * n**3
-        os.environ["CHOGORI_TRITON_NS"] = "0"  # PyTorch's NS, even where the hook would use the kernel
-        t_ns = timeit(lambda x=x: zeropower_via_newtonschulz5(x, dtype=dtype), iters=args.iters)
-        os.environ.pop("CHOGORI_TRITON_NS")
-        t_ns_tr = timeit(lambda x=x: triton_ns.newton_schulz_triton(x, dtype=dtype), iters=args.iters)
+        t_ns = timeit(lambda x=x: zeropower_via_newtonschulz5(x, dtype=dtype, triton=False), iters=args.iters)
+        t_ns_tr = timeit(lambda x=x: zeropower_via_newtonschulz5(x, dtype=dtype, triton=True), iters=args.iters)
         print(f"| {n} | {t_ref:.3f} | {t_syrk:.3f} | {flops / t_ref / 1e9:.0f} / {flops / t_syrk / 1e9:.0f} | "
               f"{t_ref / t_syrk:.2f}x | {err:.2e} | {t_ns:.2f} | {t_ns_tr:.2f} | {t_ns / t_ns_tr:.2f}x |")
 

@@ -19,15 +19,19 @@ PyTorch's algorithm run in float32. A ``[..., n, m]`` input is a batch of indepe
 stack of routed experts ``[E, out, in]``): each one is normalized by its own norm and iterated with
 batched products (``baddbmm``).
 
-On a CUDA GPU (sm80+) with Triton, the two symmetric products of each step (``X Xᵀ`` and ``b A + c A²``) run
-on optim/triton_ns.py's kernel, which computes one triangle (about half the FLOPs): same math, fp32
-accumulation, but no longer bitwise torch.optim.Muon's. ``CHOGORI_TRITON_NS=0`` keeps PyTorch's products
-there too; on CPU they are always PyTorch's.
+One loop serves every case; only the two symmetric products of a step (``X Xᵀ`` and ``b A + c A²``) vary:
+PyTorch's (``mm`` / ``addmm`` on a matrix, ``bmm`` / ``baddbmm`` on a batch) or optim/triton_ns.py's kernel,
+which computes one triangle of each (about half the FLOPs): same math, fp32 accumulation, but no longer
+bitwise torch.optim.Muon's. ``triton="auto"`` takes the kernel on a CUDA GPU (sm80+) with Triton installed
+and PyTorch's products otherwise (always on CPU); ``True`` / ``False`` force the choice (``True`` on a CPU
+tensor runs Triton's interpreter, which needs ``TRITON_INTERPRET=1``: the tests do this).
+``CHOGORI_TRITON_NS=0`` turns "auto" off.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -40,10 +44,15 @@ NS_EPS = 1e-7
 
 
 def zeropower_via_newtonschulz5(
-    G: torch.Tensor, steps: int = NS_STEPS, eps: float = NS_EPS, dtype: torch.dtype = torch.bfloat16
+    G: torch.Tensor,
+    steps: int = NS_STEPS,
+    eps: float = NS_EPS,
+    dtype: torch.dtype = torch.bfloat16,
+    triton: bool | str = "auto",
 ) -> torch.Tensor:
     """Approximately orthogonalize ``G`` (``[n, m]`` or a batch ``[..., n, m]`` of independent
-    matrices) by ``steps`` quintic Newton–Schulz iterations computed in ``dtype``.
+    matrices) by ``steps`` quintic Newton–Schulz iterations computed in ``dtype``, the symmetric products on
+    the Triton kernel when ``triton`` says so (``"auto"``, ``True`` or ``False``: see the module docstring).
 
     Returns a new tensor of ``G``'s shape and dtype (``G`` itself is never modified): ``U p(S) Vᵀ``
     where ``G = U S Vᵀ`` per matrix and ``p`` is the iterated polynomial applied to ``S / ||G||_F``.
@@ -54,61 +63,69 @@ def zeropower_via_newtonschulz5(
         raise ValueError(f"steps must be >= 0, got {steps}")
     a, b, c = NS_COEFFICIENTS
     n, m = G.shape[-2], G.shape[-1]
-    transpose = n > m
-    if G.ndim == 2:
-        # Exactly torch.optim.Muon's sequence of ops (bitwise-equal results in the same dtype).
-        X = G.to(dtype)
-        if transpose:
-            X = X.T
-        X = X / X.norm().clamp(min=eps)
-        sym = _triton_sym(X)
-        for _ in range(steps):
-            if sym is not None:  # CUDA only: one triangle of each symmetric product
-                A = sym.sym_matmul(X)
-                B = sym.sym_square(A, add=A, alpha=c, beta=b)
-            else:
-                A = X @ X.T
-                B = torch.addmm(A, A, A, beta=b, alpha=c)
-            X = torch.addmm(X, B, X, beta=a)
-        if transpose:
-            X = X.T
-        return X.to(G.dtype)
-
-    batch_shape = G.shape[:-2]
-    X = G.reshape(-1, n, m).to(dtype)
-    if transpose:
+    # A matrix stays 2-D: torch.optim.Muon's exact ops (mm, addmm, one norm), hence its result bit for bit.
+    # Anything else becomes one batch [B, n, m]: bmm / baddbmm, each matrix normalized by its own norm.
+    X = G.to(dtype) if G.ndim == 2 else G.reshape(-1, n, m).to(dtype)
+    if n > m:  # the wide orientation, where X Xᵀ is the smaller Gram matrix
         X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    sym = _triton_sym(X)
+    norm = X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
+    X = X / norm.clamp(min=eps)
+    gram, poly = _products(X, triton)
+    addmm = torch.addmm if X.ndim == 2 else torch.baddbmm
     for _ in range(steps):
-        if sym is not None:  # CUDA only: one triangle of each symmetric product
-            A = sym.sym_matmul(X)
-            B = sym.sym_square(A, add=A, alpha=c, beta=b)
-        else:
-            A = X @ X.mT
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
-    if transpose:
+        A = gram(X)  # X Xᵀ
+        B = poly(A, b, c)  # b A + c A²
+        X = addmm(X, B, X, beta=a)  # a X + B X
+    if n > m:
         X = X.mT
-    return X.reshape(*batch_shape, n, m).to(G.dtype)
+    return X.reshape(G.shape).to(G.dtype)
 
 
-def _triton_sym(X: torch.Tensor):
-    """The module optim.triton_ns when NS on ``X`` should take its symmetric products from the Triton kernel:
-    ``X`` a 2-D or 3-D CUDA tensor (sm80+) in float32/bfloat16/float16, Triton importable, and the environment
-    variable ``CHOGORI_TRITON_NS`` not ``0``. None otherwise (always on CPU): PyTorch's products."""
-    if type(X) is not torch.Tensor or not X.is_cuda or X.ndim not in (2, 3):  # not DTensors either
-        return None
+Gram = Callable[[torch.Tensor], torch.Tensor]
+"""``gram(X) = X Xᵀ`` (``X``: ``[n, k]`` or ``[B, n, k]``)."""
+Poly = Callable[[torch.Tensor, float, float], torch.Tensor]
+"""``poly(A, b, c) = b A + c A A`` (``A`` symmetric)."""
+
+
+def _torch_gram(X: torch.Tensor) -> torch.Tensor:
+    return X @ X.mT  # on a matrix, torch.optim.Muon's `X @ X.T` (the same view)
+
+
+def _torch_poly(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    return (torch.addmm if A.ndim == 2 else torch.baddbmm)(A, A, A, beta=b, alpha=c)
+
+
+def _triton_poly(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    return _kernels().sym_square(A, add=A, alpha=c, beta=b)
+
+
+def _products(X: torch.Tensor, triton: bool | str) -> tuple[Gram, Poly]:
+    """The ``(gram, poly)`` pair NS on ``X`` (2-D or 3-D, in the compute dtype) uses: PyTorch's or the kernel's."""
+    if triton not in ("auto", True, False):
+        raise ValueError(f"triton must be 'auto', True or False, got {triton!r}")
+    if triton is True or (triton == "auto" and _triton_auto(X)):
+        return _kernels().sym_matmul, _triton_poly
+    return _torch_gram, _torch_poly
+
+
+def _triton_auto(X: torch.Tensor) -> bool:
+    """``triton="auto"``: the kernel for a plain CUDA tensor (not a DTensor) on sm80+ in a dtype it supports,
+    when Triton is installed and ``CHOGORI_TRITON_NS`` is not ``0``."""
+    if type(X) is not torch.Tensor or not X.is_cuda:
+        return False
     if os.environ.get("CHOGORI_TRITON_NS", "1") == "0":
-        return None
+        return False
     if torch.cuda.get_device_capability(X.device) < (8, 0):
-        return None
-    try:
-        from optim import triton_ns
-    except ImportError:
-        return None
-    if triton_ns.triton is None or X.dtype not in triton_ns.SUPPORTED_DTYPES:
-        return None
+        return False
+    kernels = _kernels()
+    return kernels.triton is not None and X.dtype in kernels.SUPPORTED_DTYPES
+
+
+def _kernels():
+    """The module optim.triton_ns. Imported on first use rather than at the top because it imports Triton
+    (~0.35 s), which every run that never takes the kernel (any CPU run) would pay for at start-up."""
+    from optim import triton_ns
+
     return triton_ns
 
 

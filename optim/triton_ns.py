@@ -1,6 +1,7 @@
 """Triton kernel for the symmetric products inside Newton–Schulz: ``C = alpha * X Xᵀ (+ beta * D)``.
 
-Each quintic NS step (optim/newton_schulz.py) computes two symmetric matrices::
+Each quintic NS step (optim/newton_schulz.py, which calls this module; this module knows nothing of NS)
+computes two symmetric matrices::
 
     A = X Xᵀ                     (X: [n, k], A: [n, n] symmetric)
     B = b A + c A A = b A + c A Aᵀ  (A symmetric, so A A = A Aᵀ; B symmetric)
@@ -208,30 +209,3 @@ def sym_square(a: torch.Tensor, *, add: torch.Tensor | None = None, alpha: float
         raise ValueError(f"sym_square needs square matrices, got shape {tuple(a.shape)}")
     return sym_matmul(a, add=add, alpha=alpha, beta=beta, block=block, block_k=block_k)
 
-
-def newton_schulz_triton(
-    G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
-) -> torch.Tensor:
-    """The quintic NS of `optim.newton_schulz.zeropower_via_newtonschulz5` on ``[n, m]`` or ``[B, n, m]``,
-    with both symmetric products on the kernel (the non-symmetric ``X <- a X + B X`` stays a torch matmul).
-    Used by the tests and the benchmark; the optimizer reaches the kernel through that function's hook."""
-    from optim.newton_schulz import NS_COEFFICIENTS
-
-    if G.ndim not in (2, 3):
-        raise ValueError(f"newton_schulz_triton needs [n, m] or [B, n, m], got {tuple(G.shape)}")
-    a, b, c = NS_COEFFICIENTS
-    X = G.to(dtype)
-    transpose = X.shape[-2] > X.shape[-1]
-    if transpose:
-        X = X.mT
-    if X.ndim == 2:
-        X = X / X.norm().clamp(min=eps)
-    else:
-        X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        A = sym_matmul(X)
-        B = sym_square(A, add=A, alpha=c, beta=b)
-        X = torch.addmm(X, B, X, beta=a) if X.ndim == 2 else torch.baddbmm(X, B, X, beta=a)
-    if transpose:
-        X = X.mT
-    return X.to(G.dtype)

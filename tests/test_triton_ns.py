@@ -5,7 +5,8 @@ Triton's interpreter and checked against PyTorch.
   batched, strided; the output is symmetric bit for bit.
 * bf16 / fp16 inputs vs a float32 reference, at the input dtype's tolerance; the result keeps the dtype.
 * The fused epilogue ``sym_square(A, add=A, alpha=c, beta=b)`` vs ``torch.addmm(A, A, A, beta=b, alpha=c)``.
-* A whole NS (5 quintic steps) built on the kernel vs ``zeropower_via_newtonschulz5`` (float32: 1e-5).
+* A whole NS (5 quintic steps) on the kernel vs on PyTorch's products (``zeropower_via_newtonschulz5`` with
+  ``triton=True`` / ``False``; float32: 1e-5).
 * The triangular program index -> block (i, j) map is a bijection onto ``j <= i`` for GPU-sized grids.
 
 The interpreter is chosen by ``TRITON_INTERPRET=1`` when a kernel is *jitted*; optim.triton_ns jits on first
@@ -98,13 +99,14 @@ def test_sym_square_fused_epilogue_equals_addmm() -> None:
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 20, 36)])
 def test_newton_schulz_on_the_kernel_equals_pytorch_ns(shape: tuple[int, ...]) -> None:
     G = torch.randn(*shape, generator=_gen(5))
-    ours = triton_ns.newton_schulz_triton(G, dtype=torch.float32)
-    ref = zeropower_via_newtonschulz5(G, dtype=torch.float32)
+    ours = zeropower_via_newtonschulz5(G, dtype=torch.float32, triton=True)
+    ref = zeropower_via_newtonschulz5(G, dtype=torch.float32, triton=False)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    # bf16 (Muon's default): both round every product to bf16, so they agree to bf16's NS noise only.
-    ours16 = triton_ns.newton_schulz_triton(G)
+    # bf16 (Muon's on GPUs): both round every product to bf16, so they agree to bf16's NS noise only.
+    ours16 = zeropower_via_newtonschulz5(G, dtype=torch.bfloat16, triton=True)
+    theirs16 = zeropower_via_newtonschulz5(G, dtype=torch.bfloat16, triton=False)
     assert ours16.dtype == G.dtype
-    assert (ours16 - ref).abs().max() < 0.05 and (zeropower_via_newtonschulz5(G) - ref).abs().max() < 0.05
+    assert (ours16 - ref).abs().max() < 0.05 and (theirs16 - ref).abs().max() < 0.05
 
 
 def test_triangular_index_map_is_a_bijection_for_gpu_sized_grids() -> None:
@@ -134,12 +136,18 @@ def test_bad_inputs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         triton_ns.sym_matmul(torch.randn(4, 5))
 
 
-def test_newton_schulz_hook_keeps_pytorch_products_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """zeropower_via_newtonschulz5 takes the kernel only for CUDA tensors (and not with CHOGORI_TRITON_NS=0):
-    on CPU, even with the interpreter on, its products stay PyTorch's (bitwise torch.optim.Muon's)."""
+def test_newton_schulz_takes_the_kernel_only_when_asked_or_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """zeropower_via_newtonschulz5's products: triton=True the kernel's, False PyTorch's; "auto" the kernel's only
+    for CUDA tensors (and not with CHOGORI_TRITON_NS=0): on CPU, even with the interpreter on, PyTorch's (bitwise
+    torch.optim.Muon's)."""
     from optim import newton_schulz
 
-    assert newton_schulz._triton_sym(torch.randn(4, 6)) is None
-    assert newton_schulz._triton_sym(torch.randn(2, 4, 6, dtype=torch.bfloat16)) is None
+    torch_products = (newton_schulz._torch_gram, newton_schulz._torch_poly)
+    for x in (torch.randn(4, 6), torch.randn(2, 4, 6, dtype=torch.bfloat16)):
+        assert newton_schulz._products(x, "auto") == torch_products
+        assert newton_schulz._products(x, False) == torch_products
+        assert newton_schulz._products(x, True) == (triton_ns.sym_matmul, newton_schulz._triton_poly)
+    with pytest.raises(ValueError, match="triton"):
+        newton_schulz._products(torch.randn(4, 6), "yes")
     monkeypatch.setenv("CHOGORI_TRITON_NS", "0")
-    assert newton_schulz._triton_sym(torch.randn(4, 6)) is None
+    assert newton_schulz._products(torch.randn(4, 6), "auto") == torch_products
