@@ -58,14 +58,14 @@ NS_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 """Accepted ``ns_dtype`` names besides ``"auto"`` (groups store the name, so state dicts hold only plain
-values). ``"auto"``: bfloat16 for tensors on CUDA, float32 elsewhere: CPUs without bf16 matrix units run
-bf16 matmuls ~20x slower than float32 (tiny preset: 1.1 s vs 0.05 s per Muon step on 2 EPYC cores)."""
+values). ``"auto"``, the default: bfloat16 for tensors on CUDA, float32 elsewhere, resolved per tensor by
+:func:`optim.newton_schulz.resolve_dtype` (CPUs run bf16 matmuls ~20x slower than float32)."""
 
 MUON_DEFAULTS: dict[str, Any] = {
     "momentum": 0.95,
     "nesterov": True,
     "ns_steps": NS_STEPS,
-    "ns_dtype": "bfloat16",
+    "ns_dtype": "auto",
 }
 """Config keys the ``muon`` factory reads besides the AdamW ones (lr, weight_decay, betas, eps, fused),
 with the values used when a key is missing or null."""
@@ -86,15 +86,10 @@ def local_orthogonalize(updates: list[Tensor], ns: NSFn) -> list[Tensor]:
 
 
 def ns_function(steps: int, ns_dtype: str) -> NSFn:
-    """The per-tensor NS function for a group's ``ns_steps`` / ``ns_dtype`` (``"auto"`` resolved per tensor)."""
-    if ns_dtype == "auto":
-
-        def ns(u: Tensor) -> Tensor:
-            dtype = torch.bfloat16 if u.device.type == "cuda" else torch.float32
-            return zeropower_via_newtonschulz5(u, steps=steps, dtype=dtype)
-
-        return ns
-    return functools.partial(zeropower_via_newtonschulz5, steps=steps, dtype=NS_DTYPES[ns_dtype])
+    """The per-tensor NS function for a group's ``ns_steps`` / ``ns_dtype`` (``"auto"`` resolved per tensor,
+    by the NS function, where the device is known)."""
+    dtype = "auto" if ns_dtype == "auto" else NS_DTYPES[ns_dtype]
+    return functools.partial(zeropower_via_newtonschulz5, steps=steps, dtype=dtype)
 
 
 def _ns_dtype_name(value: Any) -> str:
@@ -114,8 +109,8 @@ class Muon(torch.optim.Optimizer):
 
     ``params``: tensors (all Muon) or group dicts; a dict with ``"use_muon": False`` is an AdamW group.
     Keyword defaults fill the keys a group leaves out: ``lr`` and ``weight_decay`` for both kinds;
-    ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype`` (a :data:`NS_DTYPES` name or torch dtype, or
-    ``"auto"``; stored as the name) for Muon groups; ``betas``, ``eps``,
+    ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype`` (``"auto"``, the default, or a :data:`NS_DTYPES`
+    name or torch dtype; stored as the name) for Muon groups; ``betas``, ``eps``,
     ``amsgrad``, ``maximize``, ``foreach``, ``fused`` for AdamW groups (as ``torch.optim.AdamW``).
     Muon parameters must have at least 2 dims (the last two are the matrix; leading dims are a batch
     of independent matrices). ``orthogonalize``: see the module docstring; default
@@ -130,7 +125,7 @@ class Muon(torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = NS_STEPS,
-        ns_dtype: str | torch.dtype = "bfloat16",
+        ns_dtype: str | torch.dtype = "auto",
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         *,

@@ -356,7 +356,7 @@ def test_build_muon_groups(tiny_model: Transformer) -> None:
     assert (
         {k: m[k] for k in MUON_DEFAULTS}
         == MUON_DEFAULTS
-        == {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_dtype": "bfloat16"}
+        == {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_dtype": "auto"}
     )
     assert by_kind["embedding"]["betas"] == (0.9, 0.95) and by_kind["embedding"]["eps"] == 1e-8
     assert "muon" in opt.describe() and "adamw" in opt.describe()
