@@ -16,14 +16,14 @@ normalization removes, so the two agree to float rounding (not bit for bit; test
 tolerance), and their momentum buffers differ by that factor.
 
 Param groups carry ``use_muon``: True groups run Muon (keys ``lr``, ``weight_decay``, ``momentum``,
-``nesterov``, ``ns_steps``, ``ns_dtype``; state ``momentum_buffer``), False groups run AdamW through
+``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton``; state ``momentum_buffer``), False groups run AdamW through
 ``torch.optim.adamw.adamw``, the functional PyTorch's own ``AdamW.step`` calls, with the same arguments and
 the same state (``step``, ``exp_avg``, ``exp_avg_sq``), so they are bitwise ``torch.optim.AdamW`` in every
 mode it picks (for-loop on CPU, foreach on CUDA, fused when asked; all three tested on CPU). One optimizer
 therefore serves the trainer's single LR scheduler, ``state_dict`` / ``load_state_dict`` and
 torch.distributed.checkpoint.
 
-Distribution hook: all Muon updates of a step (every Muon group with the same ``ns_steps`` / ``ns_dtype``)
+Distribution hook: all Muon updates of a step (every Muon group with the same NS settings)
 go through one call ``orthogonalize(updates, ns)``, ``ns`` being the per-tensor NS function. The default
 orthogonalizes each tensor locally, on this process; a distributed scheme (owners per matrix, gather /
 scatter of FSDP shards) plugs in with the same signature, e.g. ``optim.distributed_ns.orthogonalize``.
@@ -32,6 +32,7 @@ scatter of FSDP shards) plugs in with the same signature, e.g. ``optim.distribut
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral, Real
@@ -66,6 +67,7 @@ MUON_DEFAULTS: dict[str, Any] = {
     "nesterov": True,
     "ns_steps": NS_STEPS,
     "ns_dtype": "auto",
+    "ns_triton": "auto",
 }
 """Config keys the ``muon`` factory reads besides the AdamW ones (lr, weight_decay, betas, eps, fused),
 with the values used when a key is missing or null."""
@@ -85,11 +87,11 @@ def local_orthogonalize(updates: list[Tensor], ns: NSFn) -> list[Tensor]:
     return [ns(u) for u in updates]
 
 
-def ns_function(steps: int, ns_dtype: str) -> NSFn:
-    """The per-tensor NS function for a group's ``ns_steps`` / ``ns_dtype`` (``"auto"`` resolved per tensor,
-    by the NS function, where the device is known)."""
+def ns_function(steps: int, ns_dtype: str, ns_triton: bool | str = "auto") -> NSFn:
+    """The per-tensor NS function for a group's ``ns_steps`` / ``ns_dtype`` / ``ns_triton`` (the ``"auto"``
+    values are resolved per tensor, by the NS function, where the device is known)."""
     dtype = "auto" if ns_dtype == "auto" else NS_DTYPES[ns_dtype]
-    return functools.partial(zeropower_via_newtonschulz5, steps=steps, dtype=dtype)
+    return functools.partial(zeropower_via_newtonschulz5, steps=steps, dtype=dtype, triton=ns_triton)
 
 
 def _ns_dtype_name(value: Any) -> str:
@@ -110,7 +112,8 @@ class Muon(torch.optim.Optimizer):
     ``params``: tensors (all Muon) or group dicts; a dict with ``"use_muon": False`` is an AdamW group.
     Keyword defaults fill the keys a group leaves out: ``lr`` and ``weight_decay`` for both kinds;
     ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype`` (``"auto"``, the default, or a :data:`NS_DTYPES`
-    name or torch dtype; stored as the name) for Muon groups; ``betas``, ``eps``,
+    name or torch dtype; stored as the name), ``ns_triton`` (``"auto"``, True, False: NS's symmetric products
+    on the Triton kernel, see optim/newton_schulz.py) for Muon groups; ``betas``, ``eps``,
     ``amsgrad``, ``maximize``, ``foreach``, ``fused`` for AdamW groups (as ``torch.optim.AdamW``).
     Muon parameters must have at least 2 dims (the last two are the matrix; leading dims are a batch
     of independent matrices). ``orthogonalize``: see the module docstring; default
@@ -126,6 +129,7 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         ns_steps: int = NS_STEPS,
         ns_dtype: str | torch.dtype = "auto",
+        ns_triton: bool | str = "auto",
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         *,
@@ -140,6 +144,7 @@ class Muon(torch.optim.Optimizer):
             "nesterov": nesterov,
             "ns_steps": ns_steps,
             "ns_dtype": ns_dtype,
+            "ns_triton": ns_triton,
         }
         self._adamw_defaults = {
             "betas": tuple(betas),
@@ -163,6 +168,14 @@ class Muon(torch.optim.Optimizer):
             "_adamw_defaults": self._adamw_defaults,
             "orthogonalize": self.orthogonalize,
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also what load_state_dict calls: groups saved before a key existed (ns_triton) take its default,
+        # as torch's own optimizers do for theirs.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (self._muon_defaults if group["use_muon"] else self._adamw_defaults).items():
+                group.setdefault(key, value)
 
     # --- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -220,10 +233,10 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, groups: list[dict[str, Any]]) -> None:
         # 1. momentum and the NS input of every Muon parameter with a gradient, bucketed by NS settings
         #    so that each bucket is orthogonalized in one call (one owner assignment when distributed).
-        buckets: dict[tuple[int, str], list[tuple[dict[str, Any], Tensor, Tensor]]] = {}
+        buckets: dict[tuple[int, str, bool | str], list[tuple[dict[str, Any], Tensor, Tensor]]] = {}
         for group in groups:
             mu, nesterov = group["momentum"], group["nesterov"]
-            key = (group["ns_steps"], group["ns_dtype"])
+            key = (group["ns_steps"], group["ns_dtype"], group["ns_triton"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -240,8 +253,8 @@ class Muon(torch.optim.Optimizer):
                 update = grad.add(buf, alpha=mu) if nesterov else buf
                 buckets.setdefault(key, []).append((group, p, update))
         # 2. orthogonalize, 3. decoupled weight decay and the scaled update.
-        for (ns_steps, ns_dtype), items in buckets.items():
-            ns = ns_function(ns_steps, ns_dtype)
+        for (ns_steps, ns_dtype, ns_triton), items in buckets.items():
+            ns = ns_function(ns_steps, ns_dtype, ns_triton)
             outs = self.orthogonalize([u for _, _, u in items], ns)
             if len(outs) != len(items):
                 raise RuntimeError(f"orthogonalize returned {len(outs)} tensors for {len(items)} updates")
@@ -347,8 +360,8 @@ def _check_lr_wd(group: dict[str, Any]) -> None:
 
 
 def muon_hparams(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validated ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype`` from ``cfg`` (missing or null keys
-    take :data:`MUON_DEFAULTS`); a bad value raises ``ValueError`` naming the key."""
+    """Validated ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton`` from ``cfg`` (missing or
+    null keys take :data:`MUON_DEFAULTS`); a bad value raises ``ValueError`` naming the key."""
     out = {}
     for key, default in MUON_DEFAULTS.items():
         value = cfg.get(key, None) if cfg is not None else None
@@ -358,7 +371,8 @@ def muon_hparams(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _normalize_muon_hparams(d: dict[str, Any]) -> None:
-    """Check momentum / nesterov / ns_steps / ns_dtype in place (errors name the key) and normalize types."""
+    """Check momentum / nesterov / ns_steps / ns_dtype / ns_triton in place (errors name the key) and normalize
+    types."""
     momentum = d["momentum"]
     if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0.0 <= float(momentum) < 1.0:
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
@@ -370,6 +384,11 @@ def _normalize_muon_hparams(d: dict[str, Any]) -> None:
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
     d["ns_steps"] = int(steps)
     d["ns_dtype"] = _ns_dtype_name(d["ns_dtype"])
+    ns_triton = d["ns_triton"]
+    if ns_triton != "auto" and not isinstance(ns_triton, bool):
+        raise ValueError(f"ns_triton must be auto, true or false, got {ns_triton!r}")
+    if ns_triton is True and importlib.util.find_spec("triton") is None:
+        raise ValueError("ns_triton is true but Triton is not installed (pip install triton); use auto or false")
 
 
 def build_muon(model: nn.Module, groups: ParamGroups, cfg: Mapping[str, Any]) -> Muon:

@@ -26,13 +26,12 @@ PyTorch's (``mm`` / ``addmm`` on a matrix, ``bmm`` / ``baddbmm`` on a batch) or 
 which computes one triangle of each (about half the FLOPs): same math, fp32 accumulation, but no longer
 bitwise torch.optim.Muon's. ``triton="auto"`` takes the kernel on a CUDA GPU (sm80+) with Triton installed
 and PyTorch's products otherwise (always on CPU); ``True`` / ``False`` force the choice (``True`` on a CPU
-tensor runs Triton's interpreter, which needs ``TRITON_INTERPRET=1``: the tests do this).
-``CHOGORI_TRITON_NS=0`` turns "auto" off.
+tensor runs Triton's interpreter, which needs ``TRITON_INTERPRET=1``: the tests do this). The optimizer
+passes the config's ``optim.ns_triton`` here.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -124,10 +123,8 @@ def _products(X: torch.Tensor, triton: bool | str) -> tuple[Gram, Poly]:
 
 def _triton_auto(X: torch.Tensor) -> bool:
     """``triton="auto"``: the kernel for a plain CUDA tensor (not a DTensor) on sm80+ in a dtype it supports,
-    when Triton is installed and ``CHOGORI_TRITON_NS`` is not ``0``."""
+    when Triton is installed."""
     if type(X) is not torch.Tensor or not X.is_cuda:
-        return False
-    if os.environ.get("CHOGORI_TRITON_NS", "1") == "0":
         return False
     if torch.cuda.get_device_capability(X.device) < (8, 0):
         return False

@@ -356,16 +356,19 @@ def test_build_muon_groups(tiny_model: Transformer) -> None:
     assert (
         {k: m[k] for k in MUON_DEFAULTS}
         == MUON_DEFAULTS
-        == {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_dtype": "auto"}
+        == {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_dtype": "auto", "ns_triton": "auto"}
     )
     assert by_kind["embedding"]["betas"] == (0.9, 0.95) and by_kind["embedding"]["eps"] == 1e-8
     assert "muon" in opt.describe() and "adamw" in opt.describe()
-    custom = build_optimizer(tiny_model, muon_cfg(momentum=0.9, nesterov=False, ns_steps=3, ns_dtype="float32"))
+    custom = build_optimizer(
+        tiny_model, muon_cfg(momentum=0.9, nesterov=False, ns_steps=3, ns_dtype="float32", ns_triton=False)
+    )
     assert {k: custom.param_groups[0][k] for k in MUON_DEFAULTS} == {
         "momentum": 0.9,
         "nesterov": False,
         "ns_steps": 3,
         "ns_dtype": "float32",
+        "ns_triton": False,
     }
 
 
@@ -378,6 +381,7 @@ def test_build_muon_groups(tiny_model: Transformer) -> None:
         ("ns_steps", 0),
         ("ns_steps", 2.5),
         ("ns_dtype", "int8"),
+        ("ns_triton", "yes"),
         ("lr", -1.0),
     ],
 )
@@ -433,6 +437,20 @@ def test_state_dict_round_trip(tiny_model: Transformer) -> None:
         assert torch.equal(a, b), name
     matrix = opt.param_groups[0]["params"][0]
     assert set(opt.state[matrix]) == {"momentum_buffer"}
+
+
+def test_state_dict_without_a_newer_key_loads_with_this_optimizers_value() -> None:
+    """A state dict saved before a group key existed (ns_triton) loads; the group takes the value this optimizer
+    was built with."""
+    p = torch.nn.Parameter(randn(6, 10, seed=170))
+    old = Muon([p], lr=0.01).state_dict()
+    del old["param_groups"][0]["ns_triton"]
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = Muon([q], lr=0.01, ns_triton=False)
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["ns_triton"] is False
+    q.grad = torch.ones_like(q)
+    opt.step()
 
 
 def test_distributed_checkpoint_state_dict_round_trip(tiny_model: Transformer) -> None:

@@ -136,10 +136,9 @@ def test_bad_inputs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         triton_ns.sym_matmul(torch.randn(4, 5))
 
 
-def test_newton_schulz_takes_the_kernel_only_when_asked_or_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_newton_schulz_takes_the_kernel_only_when_asked_or_on_cuda() -> None:
     """zeropower_via_newtonschulz5's products: triton=True the kernel's, False PyTorch's; "auto" the kernel's only
-    for CUDA tensors (and not with CHOGORI_TRITON_NS=0): on CPU, even with the interpreter on, PyTorch's (bitwise
-    torch.optim.Muon's)."""
+    for CUDA tensors: on CPU, even with the interpreter on, PyTorch's (bitwise torch.optim.Muon's)."""
     from optim import newton_schulz
 
     torch_products = (newton_schulz._torch_gram, newton_schulz._torch_poly)
@@ -149,5 +148,28 @@ def test_newton_schulz_takes_the_kernel_only_when_asked_or_on_cuda(monkeypatch: 
         assert newton_schulz._products(x, True) == (triton_ns.sym_matmul, newton_schulz._triton_poly)
     with pytest.raises(ValueError, match="triton"):
         newton_schulz._products(torch.randn(4, 6), "yes")
-    monkeypatch.setenv("CHOGORI_TRITON_NS", "0")
-    assert newton_schulz._products(torch.randn(4, 6), "auto") == torch_products
+
+
+def test_optim_ns_triton_reaches_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config key optim.ns_triton goes through build_optimizer into the Muon group and from there to NS:
+    true runs the kernel (float32: the step agrees with false's, PyTorch's products, to NS's 1e-5)."""
+    from optim import build_optimizer
+
+    calls = []
+    sym_matmul = triton_ns.sym_matmul
+    monkeypatch.setattr(triton_ns, "sym_matmul", lambda *a, **k: calls.append(1) or sym_matmul(*a, **k))
+    moved = {}
+    for ns_triton in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=False), torch.nn.Linear(40, 24, bias=False))
+        cfg = {"name": "muon", "lr": 0.02, "ns_dtype": "float32", "ns_triton": ns_triton}
+        opt = build_optimizer(model, cfg)
+        assert [g["ns_triton"] for g in opt.param_groups] == [ns_triton]
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.randn(p.shape, generator=_gen(10 + i))
+        del calls[:]
+        opt.step()
+        assert bool(calls) is ns_triton
+        moved[ns_triton] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(moved[True], moved[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -54,6 +54,7 @@ class OptimConfig:
     nesterov: bool = True  # Muon Nesterov momentum
     ns_steps: int = 5  # Newton-Schulz iterations
     ns_dtype: str = "auto"  # Newton-Schulz dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
+    ns_triton: str | bool = "auto"  # Newton-Schulz products on the Triton kernel: auto (CUDA + Triton) | true | false
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     qk_clip_tau: float | None = 100.0  # QK-Clip threshold on per-head max attention logits; null disables
     schedule: str = "wsd"  # wsd | cosine | linear | constant
@@ -274,6 +275,8 @@ def validate(cfg: ExperimentConfig) -> None:
     fraction("optim.momentum", o.momentum, below_one=True)
     at_least("optim.ns_steps", o.ns_steps, 1)
     one_of("optim.ns_dtype", o.ns_dtype, ("auto", *NS_DTYPES))
+    need(o.ns_triton == "auto" or isinstance(o.ns_triton, bool), "optim.ns_triton",
+         f"must be one of auto, true, false, got '{o.ns_triton}'")
     non_negative("optim.grad_clip", o.grad_clip, " (0 disables clipping)")
     if o.qk_clip_tau is not None:
         positive("optim.qk_clip_tau", o.qk_clip_tau)
