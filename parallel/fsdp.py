@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -9,7 +11,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+# SAC's two dispatch modes are private to torch: subclassed (as xformers does) so that the ops SAC ignores are
+# ours to choose without writing to torch's module-global SAC_IGNORED_OPS.
+from torch.utils.checkpoint import (
+    SAC_IGNORED_OPS,
+    CheckpointPolicy,
+    _CachedTorchDispatchMode,
+    _CachingTorchDispatchMode,
+)
 
 from models.moe import MoE
 from models.transformer import Transformer
@@ -30,20 +40,49 @@ if hasattr(torch.ops, "_c10d_functional"):  # never send the tokens twice: keep 
     _SAVE_OPS.add(torch.ops._c10d_functional.all_to_all_single.default)
 
 
-def _ignore_profiler_ops_in_sac() -> None:
-    """FSDP2's hooks annotate with profiler `record_function` ops, and the experts' FSDP hooks run a
-    different number of times in the forward and in SAC's recompute, which SAC reports as a mismatch.
-    Annotations are not tensor computation; later PyTorch releases make SAC ignore them, as done here."""
-    from torch.utils import checkpoint as ckpt
-
+def _profiler_ops() -> set:
+    """Every overload of the profiler's `record_function` ops."""
+    ops = set()
     for name in ("_record_function_enter", "_record_function_enter_new", "_record_function_exit"):
         packet = getattr(torch.ops.profiler, name, None)
-        for overload in (packet.overloads() if packet is not None else []):
-            ckpt.SAC_IGNORED_OPS.add(getattr(packet, overload))
+        ops.update(getattr(packet, overload) for overload in (packet.overloads() if packet is not None else []))
+    return ops
+
+
+# FSDP2's hooks annotate with profiler `record_function` ops, and the experts' FSDP hooks run a different
+# number of times in the forward and in SAC's recompute, which SAC reports as a mismatch. Annotations are not
+# tensor computation, so SAC should pass them through as it does detach. Our SAC modes ignore them on top of a
+# copy of torch's SAC_IGNORED_OPS: torch's global set is never modified, so any other SAC user in the process
+# keeps torch's behaviour.
+_SAC_IGNORED_OPS = frozenset(SAC_IGNORED_OPS) | _profiler_ops()
+
+
+class _IgnoreOps:
+    """Runs the ops in `_SAC_IGNORED_OPS` untouched, before SAC's mode would record or replay them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _SAC_IGNORED_OPS:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _Caching(_IgnoreOps, _CachingTorchDispatchMode):
+    """SAC's forward mode: runs each op and stores the outputs the policy saves."""
+
+
+class _Cached(_IgnoreOps, _CachedTorchDispatchMode):
+    """SAC's recompute mode: returns the stored outputs, runs the rest again."""
 
 
 def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts() -> tuple[_Caching, _Cached]:
+    """`create_selective_checkpoint_contexts(_selective_policy)` with our ignored ops: the forward and the
+    recompute mode share one storage."""
+    storage: dict = defaultdict(dict)
+    return _Caching(_selective_policy, storage), _Cached(None, storage)  # (the replay takes no policy)
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
@@ -54,15 +93,11 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
         return
     if mode not in ("selective", "full"):
         raise ValueError(f"parallel.activation_checkpointing must be none|selective|full, got '{mode}'")
-    if mode == "selective":
-        _ignore_profiler_ops_in_sac()
     for name, block in list(model.layers.items()):
         if mode == "full":
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
-            model.layers[name] = checkpoint_wrapper(
-                block, preserve_rng_state=False,
-                context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy))
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=_selective_contexts)
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,

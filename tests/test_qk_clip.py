@@ -222,6 +222,47 @@ def test_nothing_to_clip_is_a_no_op_and_wrappers_are_unwrapped(tiny_config) -> N
         qk_clip_(model, {0: torch.ones(3)}, tau=TAU)
 
 
+def test_selective_checkpointing_leaves_torch_alone_and_ignores_profiler_annotations(tiny_config) -> None:
+    """parallel.fsdp's selective activation checkpointing: the max logits QK-Clip reads and every gradient equal
+    those without checkpointing, a profiler annotation that runs only in the recompute (as FSDP2's hooks can)
+    is ignored, and torch's global SAC_IGNORED_OPS is left as it was."""
+    import copy
+
+    from torch.utils import checkpoint as ckpt
+
+    from parallel.fsdp import apply_activation_checkpointing
+
+    ignored = set(ckpt.SAC_IGNORED_OPS)
+    cfg = tiny_config(num_hidden_layers=2)
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    model = copy.deepcopy(ref)
+    apply_activation_checkpointing(model, "selective")
+    recomputing = False
+
+    def annotate(module: torch.nn.Module, args: tuple) -> None:
+        if recomputing:
+            with torch.profiler.record_function("in the recompute only"):
+                pass
+
+    for block in model.layers.values():
+        block._checkpoint_wrapped_module.mlp.register_forward_pre_hook(annotate)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    grads, logits = {}, {}
+    for name, m in (("ref", ref), ("selective", model)):
+        out = m(ids)
+        recomputing = True
+        (out.logits.float().pow(2).mean() + out.balance_loss).backward()
+        recomputing = False
+        grads[name] = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in m.named_parameters()}
+        logits[name] = m.max_logits()
+    assert grads["selective"].keys() == grads["ref"].keys()
+    for n, g in grads["ref"].items():
+        torch.testing.assert_close(grads["selective"][n], g, rtol=0, atol=0, msg=n)  # the same ops, recomputed
+    torch.testing.assert_close(logits["selective"], logits["ref"], rtol=0, atol=0)
+    assert set(ckpt.SAC_IGNORED_OPS) == ignored
+
+
 # --- FSDP2-sharded weights on 2 gloo ranks ---------------------------------------------------------------------
 # 3 heads, dn=3, dr=2, dv=2: q and kv_b weights have 15 rows, sharded 8 / 7, and head 1 straddles the cut.
 SHARD_MODEL = dict(
