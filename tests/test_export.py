@@ -192,7 +192,7 @@ def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, sing
 
     # A single-process trainer resumed from the 4-rank checkpoint (no step runs) gives transformers' logits.
     cfg = load_config(TINY, overrides(**{"train.out_dir": tmp_path / "resumed", "data.cache_dir": cache_dir,
-                                         "train.steps": 1, "train.micro_batch_size": 4, "optim.warmup_steps": 1,
+                                         "train.steps": 2, "train.micro_batch_size": 4, "optim.warmup_steps": 1,
                                          "checkpoint.resume": ckpt}))
     resumed = Trainer(cfg)
     assert resumed.step == 1
