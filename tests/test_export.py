@@ -127,6 +127,7 @@ def four_rank_run(four_rank_launch: tuple[subprocess.Popen, Path]) -> Path:
 
 
 # --- exports checked with transformers ------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_exports_newest_checkpoint_of_a_run_with_the_trainers_logits(single_run, four_rank_launch,
                                                                           tmp_path) -> None:
     # (four_rank_launch: the 4-rank run starts now and trains while this test and the next run)
@@ -169,6 +170,7 @@ def test_default_dtype_is_bf16_and_step_selects_a_checkpoint(single_run, tmp_pat
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
+@pytest.mark.slow
 def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, single_run, cache_dir, tmp_path,
                                                              capsys, monkeypatch) -> None:
     ckpt = four_rank_run / "checkpoints" / "step-1"

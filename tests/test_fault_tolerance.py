@@ -18,6 +18,8 @@ from train.checkpoint import list_checkpoints, resolve_resume
 from train.config import load_config
 from train.trainer import Trainer, TrainingDiverged
 
+pytestmark = pytest.mark.slow  # real torchrun worlds and kills: minutes on 2 cores
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with torchrun's shared rendezvous store, restarted ranks can read the dead

@@ -259,6 +259,7 @@ def test_slurm_writes_the_script_and_submits_it(tmp_path: Path, monkeypatch: pyt
 # --- real launches ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_two_process_launch_stops_on_sigusr1_and_resumes(tmp_path: Path) -> None:
     """SIGUSR1 to the launcher reaches both ranks through torchrun; the trainer checkpoints at the step
     boundary and exits; the same command again resumes and finishes with exit code 0."""

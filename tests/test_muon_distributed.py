@@ -52,6 +52,7 @@ def _worker(rank: int, world: int, ep: int, ref_path: str, out_path: str) -> Non
         torch.save(full, out_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,ep", [(2, 1), (4, 2)])
 def test_distributed_muon_steps_equal_single_process(tmp_path: Path, world: int, ep: int) -> None:
     expected = _single_process(tmp_path / "ref.pt")

@@ -229,6 +229,7 @@ def test_verify_finds_a_flipped_byte(inputs: tuple[Path, Counter[str]], tmp_path
     assert res.returncode == 2 and f"{tokens}: checksum mismatch" in res.stderr
 
 
+@pytest.mark.slow
 def test_bpe_dataset_trains_end_to_end(tmp_path: Path) -> None:
     """Train a BPE, prepare with it, and run the trainer on the result: the tokenizer is found by fingerprint."""
     import sysconfig

@@ -44,6 +44,7 @@ def train_losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(out_dir / "metrics.jsonl") if "loss" in r}
 
 
+@pytest.mark.slow
 def test_tiny_run_loss_falls(tmp_path: Path, cache_dir: str) -> None:
     """30 steps of the tiny preset (its own batch and sequence length) bring the loss clearly down."""
     cfg = load_config(TINY, [f"train.out_dir={tmp_path}", f"data.cache_dir={cache_dir}", "train.steps=30",
@@ -81,6 +82,7 @@ def test_same_seed_same_losses_and_seed_matters(tmp_path: Path, cache_dir: str) 
     assert runs["a"] != runs["c"]
 
 
+@pytest.mark.slow
 def test_resume_after_crash_is_bit_exact(tmp_path: Path, cache_dir: str) -> None:
     """A run of 6 steps vs. a run that checkpointed at 3, 'crashed', and resumed: identical losses."""
     straight = tmp_path / "straight"
@@ -101,6 +103,7 @@ def test_resume_after_crash_is_bit_exact(tmp_path: Path, cache_dir: str) -> None
     assert [r["step"] for r in read_jsonl(crashed / "metrics.jsonl")] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: str) -> None:
     """1 micro-batch of 8 vs 4 of 2: same loss and the same gradients reach the optimizer.
 
@@ -130,6 +133,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, cache_dir: 
         torch.testing.assert_close(g8[k], g2[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_cli_trains_and_rejects_typos(tmp_path: Path, cache_dir: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "train", "--config", str(TINY),

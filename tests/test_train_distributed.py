@@ -13,6 +13,8 @@ import pytest
 from train.config import load_config
 from train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # real torchrun worlds and kills: minutes on 2 cores
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
