@@ -107,11 +107,23 @@ def test_resume_refuses_what_cannot_continue(finished_run: Path, cache_dir: str,
         Trainer(config(tmp_path, cache_dir, **{"checkpoint.resume": ckpt, **override}))
 
 
-def test_a_finished_run_is_not_silently_rerun(finished_run: Path, cache_dir: str, tmp_path: Path) -> None:
+def test_a_finished_run_is_not_silently_rerun(finished_run: Path, cache_dir: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """Rerunning the command of a finished run says so in one line and exits 2 (nothing is trained or written)."""
+    from train.__main__ import main
+
     out = copy_run(finished_run, tmp_path / "run")
-    with pytest.raises(ConfigError) as e:
-        Trainer(config(out, cache_dir))
-    assert "train.steps" in str(e.value) and "train.out_dir" in str(e.value) and "finished" in str(e.value)
+    before = (out / "metrics.jsonl").read_bytes()
+    argv = ["--config", str(TINY), *[f"{k}={v}" for k, v in {
+        "train.out_dir": out, "data.cache_dir": cache_dir, "data.seq_len": 32, "train.global_batch_size": 4,
+        "train.micro_batch_size": 4, "train.eval_interval": 0, "logging.progress": False,
+        "optim.warmup_steps": 1, "train.steps": 4, "checkpoint.interval": 2}.items()]]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: train.steps: ") and "train.out_dir" in err, err
+    assert "finished" in err and "Traceback" not in err
+    assert (out / "metrics.jsonl").read_bytes() == before
 
 
 # --- loading never runs code ----------------------------------------------------------------------
