@@ -76,7 +76,7 @@ def run(traced_run: tuple[Path, dict]) -> Path:
 
 
 def _flops_per_token_bounds(cfg, seq_len: int) -> tuple[float, float]:
-    """Training FLOPs per token counted by torch's FlopCounterMode on a forward of the model (not models.plan):
+    """Training FLOPs per token counted by torch's FlopCounterMode on a forward of the model (not models.flops):
     3 x (matmuls with weights) <= F <= 3 x (those + the full, non-causal attention score and value matmuls);
     a causal count lies in between. float64 takes the experts' per-group matmul path, which the counter sees."""
     from torch.utils.flop_counter import FlopCounterMode

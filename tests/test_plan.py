@@ -1,6 +1,6 @@
-"""Tests for models/plan.py: parameter counts (vs the published numbers and `transformers`' own model),
-analytic FLOPs (vs torch's FlopCounterMode on a real forward/backward), per-GPU memory (vs hand
-arithmetic) and the CLI."""
+"""Tests for tools/plan.py and models/flops.py: parameter counts (vs the published numbers and
+`transformers`' own model), analytic FLOPs (vs torch's FlopCounterMode on a real forward/backward),
+per-GPU memory (vs hand arithmetic) and the CLI."""
 
 from __future__ import annotations
 
@@ -15,18 +15,17 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.config import ModelConfig
+from models.flops import flops_breakdown, flops_per_token
 from models.hf import to_hf_config
-from models.plan import (
+from models.transformer import Transformer
+from tools.plan import (
     CATEGORIES,
     Layout,
     PlanError,
     count_params,
-    flops_breakdown,
-    flops_per_token,
     main,
     memory_per_gpu,
 )
-from models.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,7 @@ def preset(name: str) -> ModelConfig:
 
 def hf_meta_counts(cfg: ModelConfig) -> tuple[int, int, torch.nn.Module]:
     """Total / activated of transformers' own DeepseekV3ForCausalLM on the meta device, activated computed
-    from HF's parameter names independently of models.plan."""
+    from HF's parameter names independently of tools.plan."""
     transformers = pytest.importorskip("transformers")
     hf_cfg = transformers.DeepseekV3Config(**to_hf_config(cfg))
     assert getattr(hf_cfg, "num_nextn_predict_layers", 0) == 0  # no MTP modules in the count
@@ -204,7 +203,7 @@ def test_bad_layout(layout: Layout, message: str) -> None:
 
 # --- CLI --------------------------------------------------------------------------------------------
 def test_cli_table() -> None:
-    run = subprocess.run([sys.executable, "-m", "models.plan", "--config", "configs/tiny.yaml", "--optimizer", "adamw"],
+    run = subprocess.run([sys.executable, "-m", "tools.plan", "--config", "configs/tiny.yaml", "--optimizer", "adamw"],
                          cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -68,6 +68,26 @@ def test_models_imports_nothing_from_the_machinery_around_it() -> None:
     assert not offenders, offenders
 
 
+def test_nothing_outside_tools_imports_tools() -> None:
+    """tools/ may import anything; no package and no benchmark imports tools/ (DESIGN.md: `tools ->
+    anything`). Only the tests import it, to test it."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "tools" in packages and "models" in packages
+    offenders = []
+    for top in [p for p in packages if p != "tools"] + ["bench"]:
+        for path in (ROOT / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "tools"]
+    assert not offenders, offenders
+
+
 def test_every_dependency_has_an_upper_bound() -> None:
     """A new major release elsewhere (a minor one for torch) must not turn a fresh clone red."""
     import tomllib

@@ -1,1 +1,2 @@
-"""Programs around the network and the trainer (export, ...): they may import any package; none imports them."""
+"""Programs around the network and the trainer (planner, export, ...): they may import any package; none
+imports them."""

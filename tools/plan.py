@@ -1,27 +1,24 @@
 """Size a run before launching it: parameters, FLOPs per token and per-GPU memory, with no memory spent.
 
-    python -m models.plan --config configs/k2-1t.yaml [--seq-len 4096] [--gpus 2048 --ep 64]
-                          [--optimizer adamw|muon] [--param-dtype fp32] [--json] [model.key=value ...]
+    python -m tools.plan --config configs/k2-1t.yaml [--seq-len 4096] [--gpus 2048 --ep 64]
+                         [--optimizer adamw|muon] [--param-dtype fp32] [--json] [model.key=value ...]
 
 The model is built on the meta device, so even the 1T-parameter Kimi K2 plans in a few seconds and the
 parameter counts are those of the real `Transformer` (they match `transformers`' DeepseekV3ForCausalLM).
-FLOPs are counted analytically from the config; the trainer uses `flops_per_token` for MFU.
+FLOPs come from models/flops.py, the count the trainer's MFU uses (this module is a tool: nothing outside
+tools/ imports it).
 
 Library API::
 
     count_params(model_or_cfg) -> ParamCount           # total / activated per token / breakdown
-    flops_per_token(cfg, seq_len, training=True) -> int
+    flops_per_token(cfg, seq_len, training=True) -> int   # re-exported from models.flops
     memory_per_gpu(model_or_cfg, Layout(gpus=2048, ep=64)) -> MemoryEstimate
 
-FLOPs convention: 2 FLOPs per multiply-add, matmuls only (norms, RoPE, softmax, SiLU, routing top-k and
-the residual adds are left out: they are memory-bound and well under 1% of the matmul FLOPs at K2 size).
-Attention is causal-aware: query i attends to i keys, so a token sees on average (S+1)/2 keys of a
-length-S sequence. PaLM / Megatron count all S keys; `causal=False` gives that count, which is also what
-the eager kernel executes (it computes the full S x S score matrix and masks it). Training = forward +
-backward = 3 x forward (backward of a matmul is two matmuls of the same size: one for the input
-gradient, one for the weight gradient).
+FLOPs convention: see models/flops.py (2 FLOPs per multiply-add, matmuls only, causal-aware attention,
+training = 3 x forward).
 
-models/ must not import parallel/, optim/, data/ or train/, so this module reads the YAML itself.
+The planner reads only what it needs from the experiment YAML (the `model:` group, data.seq_len,
+optim.name, parallel.ep), not train/config.py's full schema.
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from models.config import ConfigError, ModelConfig
+from models.flops import flops_breakdown, flops_per_token
 from models.transformer import Transformer
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -49,10 +47,6 @@ DEFAULT_SEQ_LEN = 4096
 # Parameter categories, in table order. "norms" (RMSNorm gains) keeps the breakdown summing to the total.
 CATEGORIES: tuple[str, ...] = (
     "embedding", "attention", "dense_ffn", "router", "shared_experts", "routed_experts", "norms", "lm_head",
-)
-# Forward FLOPs per token, in table order.
-FLOP_PARTS: tuple[str, ...] = (
-    "attention_proj", "attention_core", "dense_ffn", "router", "shared_experts", "routed_experts", "lm_head",
 )
 FLOP_LABELS: dict[str, str] = {
     "attention_proj": "attention projections (q/kv lora, kv_b, o)",
@@ -150,52 +144,7 @@ def count_params(model_or_cfg: nn.Module | ModelConfig) -> ParamCount:
                       activated_breakdown=active)
 
 
-# --- FLOPs ------------------------------------------------------------------------------------------
-def _cfg_of(cfg_or_model: ModelConfig | Transformer) -> ModelConfig:
-    return cfg_or_model if isinstance(cfg_or_model, ModelConfig) else cfg_or_model.cfg
-
-
-def flops_breakdown(cfg: ModelConfig | Transformer, seq_len: int, *, causal: bool = True) -> dict[str, int]:
-    """Forward matmul FLOPs per token, by part (see FLOP_PARTS), summed over all layers.
-
-    causal=True: a token attends on average to (S+1)/2 keys (query i sees keys 1..i), so the score and
-    value matmuls cost 2*h*(d_qk+d_v)*(S+1)/2 = h*(d_qk+d_v)*(S+1) per layer. causal=False counts all S
-    keys (PaLM / Megatron convention, and what an unfused masked kernel computes)."""
-    cfg = _cfg_of(cfg)
-    if seq_len < 1:
-        raise PlanError(f"seq_len must be >= 1, got {seq_len}")
-    hid, h = cfg.hidden_size, cfg.num_attention_heads
-    if cfg.q_lora_rank is None:
-        q = hid * h * cfg.qk_head_dim
-    else:
-        q = hid * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
-    kv = hid * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim
-                                                                                     + cfg.v_head_dim)
-    attn_proj = 2 * (q + kv + h * cfg.v_head_dim * hid)
-    keys_x2 = seq_len + 1 if causal else 2 * seq_len  # 2 * (mean keys per query)
-    attn_core = h * (cfg.qk_head_dim + cfg.v_head_dim) * keys_x2
-
-    n_dense, n_moe = cfg.first_k_dense_replace, cfg.num_moe_layers
-    swiglu = 2 * 3 * hid  # gate, up, down: three matmuls of hid x width per unit of width
-    return {
-        "attention_proj": cfg.num_hidden_layers * attn_proj,
-        "attention_core": cfg.num_hidden_layers * attn_core,
-        "dense_ffn": n_dense * swiglu * cfg.intermediate_size,
-        "router": n_moe * 2 * hid * cfg.n_routed_experts,
-        "shared_experts": n_moe * swiglu * cfg.moe_intermediate_size * cfg.n_shared_experts,
-        "routed_experts": n_moe * swiglu * cfg.moe_intermediate_size * cfg.num_experts_per_tok,
-        "lm_head": 2 * hid * cfg.vocab_size,
-    }
-
-
-def flops_per_token(cfg: ModelConfig | Transformer, seq_len: int, *, training: bool = True,
-                    causal: bool = True) -> int:
-    """Matmul FLOPs per token at sequence length `seq_len`: forward, or forward+backward (3x) when
-    training. Model FLOPs (no activation-checkpointing recompute), the numerator of MFU."""
-    fwd = sum(flops_breakdown(cfg, seq_len, causal=causal).values())
-    return 3 * fwd if training else fwd
-
-
+# --- FLOPs (the exact count is models/flops.py's; this is the back-of-envelope cross-check) ---------
 def approx_flops_per_token(cfg: ModelConfig, params: ParamCount, seq_len: int) -> dict[str, int]:
     """The usual back-of-envelope training FLOPs, for comparison with the exact count:
     `6N` = 6 * activated parameters, and `6N+attn` = 6 * activated matmul parameters (no embedding lookup)
@@ -359,6 +308,8 @@ def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> Pla
 # --- the plan ---------------------------------------------------------------------------------------
 def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "") -> dict[str, Any]:
     """Everything the CLI prints, as a JSON-ready dict."""
+    if seq_len < 1:
+        raise PlanError(f"--seq-len must be >= 1, got {seq_len}")
     layout.validate(cfg)
     model = meta_model(cfg)
     params = count_params(model)
@@ -467,7 +418,7 @@ def format_plan(plan: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m models.plan",
+        prog="python -m tools.plan",
         description="Count parameters, FLOPs per token and per-GPU memory of a model config, on the meta "
                     "device (nothing is allocated).")
     parser.add_argument("--config", required=True, help="experiment YAML with a 'model:' group")
