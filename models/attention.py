@@ -8,6 +8,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import RMSNorm, apply_rope
+from models.stats import is_recomputing
 
 # The latent norms use a fixed eps in DeepSeek's reference code and in transformers, whatever
 # `rms_norm_eps` says; matching it keeps logits identical for configs with another rms_norm_eps.
@@ -84,12 +85,15 @@ class MLAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, h * d_v))
 
     def _track_max_logit(self, scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mask disallowed logits with -inf and fold the per-head max of the allowed ones into `max_logit`."""
+        """Mask disallowed logits with -inf and fold the per-head max of the allowed ones into `max_logit`
+        (not again in an activation-checkpointing recompute; the max is computed there all the same, so the
+        recompute runs the same ops as the forward, which selective checkpointing relies on)."""
         if mask is None:
             s_q, s_k = scores.shape[-2:]
             mask = torch.ones(s_q, s_k, dtype=torch.bool, device=scores.device).tril(s_k - s_q)
         scores = scores.masked_fill(~mask, float("-inf"))
         with torch.no_grad():
             current = scores.detach().amax(dim=(0, 2, 3)).float()
-            torch.maximum(self.max_logit, current, out=self.max_logit)
+            if not is_recomputing():
+                torch.maximum(self.max_logit, current, out=self.max_logit)
         return scores

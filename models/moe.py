@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from models.config import ModelConfig
 from models.layers import MLP
+from models.stats import is_recomputing
 
 
 class Router(nn.Module):
@@ -113,7 +114,7 @@ class Dispatch:
     token_idx: torch.Tensor  # [N] source token of each sorted copy
     weight: torch.Tensor  # [N] gating weight of each sorted copy
     counts: torch.Tensor  # [E] copies per expert (after capacity drops)
-    dropped: int  # copies dropped by the capacity factor (0 when dropless)
+    dropped: torch.Tensor | int  # copies dropped by the capacity factor (0 when dropless); a device scalar
 
 
 def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
@@ -129,8 +130,8 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
         starts = torch.cumsum(counts, 0) - counts
         rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
         keep = rank_in_expert < capacity
-        dropped = int((~keep).sum())
-        order = order[keep]
+        dropped = (~keep).sum()
+        order = order[keep]  # a data-dependent size: the one host sync of capacity dropping (dropless has none)
         counts = counts.clamp(max=capacity)
     return Dispatch(token_idx=order // k, weight=topk_weight.flatten()[order], counts=counts, dropped=dropped)
 
@@ -160,7 +161,8 @@ class MoE(nn.Module):
     """Routed experts + shared experts. Returns (output, balance loss * aux_loss_alpha).
 
     While training it accumulates `expert_load` (token copies per expert, since the last bias update) and
-    `dropped_tokens`; `update_bias` applies the auxiliary-loss-free rule and clears them.
+    `dropped_tokens`, once per forward: not again when activation checkpointing recomputes it
+    (`models.stats.recomputing`). `update_bias` applies the auxiliary-loss-free rule and clears the load.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -191,9 +193,10 @@ class MoE(nn.Module):
 
         aux = scores.new_zeros(())
         if self.training:
-            with torch.no_grad():
-                self.expert_load += d.counts.to(self.expert_load.dtype)
-                self.dropped_tokens += d.dropped
+            if not is_recomputing():
+                with torch.no_grad():
+                    self.expert_load += d.counts.to(self.expert_load.dtype)
+                    self.dropped_tokens += d.dropped
             if cfg.aux_loss_alpha > 0:
                 aux = cfg.aux_loss_alpha * sequence_balance_loss(scores, topk_idx, b, cfg.num_experts_per_tok)
         return y.view(b, s, hdim), aux

@@ -24,6 +24,7 @@ from models.attention import MLAttention
 from models.config import ModelConfig
 from models.layers import MLP, RMSNorm, RotaryEmbedding
 from models.moe import MoE
+from models.stats import StatsBuckets
 
 
 @dataclass
@@ -142,6 +143,55 @@ class Transformer(nn.Module):
         self.reset_max_logits()
 
     # --- statistics for the trainer / optimizer -------------------------------------------------
+    # Each layer keeps its own (models/stats.py); these methods are the one place that walks the layers, so
+    # the trainer and the optimizer hooks never do.
+    @torch.no_grad()
+    def reset_stats(self) -> None:
+        """Start a step: zero the expert loads and dropped copies, forget the max logits."""
+        for moe in self.moe_layers():
+            moe.reset_stats()
+        self.reset_max_logits()
+
+    @torch.no_grad()
+    def stats_buckets(self) -> StatsBuckets:
+        """This step's statistics so far as one flat tensor per reduction op (copies)."""
+        moe = dict(self._moe_items())
+        loads = [m.expert_load.double() for m in moe.values()]
+        dropped = [m.dropped_tokens.double().reshape(1) for m in moe.values()]
+        device = self.embed_tokens.weight.device
+        heads = [b.self_attn.max_logit.float() for b in self.layers.values()]
+        return StatsBuckets(
+            sum=torch.cat(loads + dropped) if moe else torch.zeros(0, dtype=torch.float64, device=device),
+            max=torch.cat(heads) if heads else torch.zeros(0, device=device),
+            moe_layers=list(moe), layers=[int(i) for i in self.layers],
+            num_experts=self.cfg.n_routed_experts, num_heads=self.cfg.num_attention_heads)
+
+    @torch.no_grad()
+    def load_stats(self, buckets: StatsBuckets) -> None:
+        """Take reduced statistics back (e.g. summed / maxed over data-parallel ranks), so that what reads
+        the layers next (the router-bias update, QK-Clip) sees global values."""
+        moe = dict(self._moe_items())
+        if list(moe) != buckets.moe_layers or [int(i) for i in self.layers] != buckets.layers:
+            raise ValueError("statistics of another set of layers")
+        for m, load, dropped in zip(moe.values(), buckets.expert_load(), buckets.dropped(), strict=True):
+            m.expert_load.copy_(load)
+            m.dropped_tokens.copy_(dropped)
+        for b, row in zip(self.layers.values(), buckets.max_logit(), strict=True):
+            b.self_attn.max_logit.copy_(row)
+
+    def _moe_items(self) -> Iterator[tuple[int, MoE]]:
+        for name, block in self.layers.items():
+            if isinstance(block.mlp, MoE):
+                yield int(name), block.mlp
+
+    def router_bias_spread(self) -> torch.Tensor:
+        """[L_moe] max - min of each MoE layer's correction bias (a device tensor; no host sync)."""
+        biases = [m.gate.e_score_correction_bias for _, m in self._moe_items()]
+        if not biases:
+            return torch.zeros(0, device=self.embed_tokens.weight.device)
+        b = torch.stack(biases)
+        return b.amax(dim=1) - b.amin(dim=1)
+
     def attention_layers(self) -> Iterator[MLAttention]:
         for block in self.layers.values():
             yield block.self_attn

@@ -133,8 +133,9 @@ def local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
 @torch.no_grad()
 def scale_rows_(weight: torch.Tensor, scale: torch.Tensor) -> None:
     """``weight[r] *= scale[r]`` in place for the rows this rank holds (plain tensor or DTensor, see
-    `local_rows`). ``scale`` covers all rows of the full weight. Rows whose scale is exactly 1 are not
-    written. The product is taken in float32 and cast back to the weight's dtype."""
+    `local_rows`). ``scale`` covers all rows of the full weight. The product is taken in float32 and cast back
+    to the weight's dtype, for every row: a scale of exactly 1 leaves a row bit-identical, and choosing rows on
+    the host would cost a device->host sync per layer and step."""
     if scale.shape != (weight.shape[0],):
         raise ValueError(f"scale_rows_: scale has shape {list(scale.shape)}, the weight {weight.shape[0]} rows")
     local, offset = local_rows(weight)
@@ -142,11 +143,8 @@ def scale_rows_(weight: torch.Tensor, scale: torch.Tensor) -> None:
     if n == 0:
         return
     s = scale[offset:offset + n].to(local.device)
-    rows = (s != 1).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return
     view = (slice(None),) + (None,) * (local.dim() - 1)
-    local[rows] = (local[rows].float() * s[rows][view]).to(local.dtype)
+    local.copy_((local.float() * s[view]).to(local.dtype))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -159,14 +157,13 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def clip_attention_(layout: HeadLayout, max_logit: torch.Tensor, tau: float = DEFAULT_TAU) -> int:
-    """QK-Clip one attention layer from its per-head max logits ``[H]``; returns how many heads were clipped."""
+def clip_attention_(layout: HeadLayout, max_logit: torch.Tensor, tau: float = DEFAULT_TAU) -> torch.Tensor:
+    """QK-Clip one attention layer from its per-head max logits ``[H]``; returns how many heads were clipped
+    (a device scalar: nothing here waits for the device)."""
     if max_logit.shape != (layout.num_heads,):
         raise ValueError(f"qk_clip_: max logits have shape {list(max_logit.shape)}, expected [{layout.num_heads}]")
     gamma = head_gammas(max_logit, tau)
-    clipped = int(clipped_heads(max_logit, tau).sum())  # one host sync per layer: cheap next to a step
-    if clipped == 0:
-        return 0
+    clipped = clipped_heads(max_logit, tau).sum()
     dn, dr, dv = layout.qk_nope_head_dim, layout.qk_rope_head_dim, layout.v_head_dim
     for module, scale in ((layout.q_proj, head_row_scales(gamma, dn, dr, "q")),
                           (layout.kv_b_proj, head_row_scales(gamma, dn, dv, "kv"))):
@@ -178,20 +175,20 @@ def clip_attention_(layout: HeadLayout, max_logit: torch.Tensor, tau: float = DE
 
 @torch.no_grad()
 def qk_clip_(model: nn.Module, max_logits: Mapping[int, torch.Tensor] | None = None,
-             tau: float = DEFAULT_TAU) -> dict[int, int]:
+             tau: float = DEFAULT_TAU) -> dict[int, torch.Tensor]:
     """Apply QK-Clip in place to every attention layer of `model` (a `models.Transformer`, possibly wrapped
     by activation checkpointing / torch.compile, its weights plain or FSDP2 DTensors).
 
     `max_logits`: ``{layer index: [num_heads] max logit}``, global over data-parallel ranks (default:
     ``model.max_logits()``, right for a single process); layers missing from it are skipped. Call after
-    ``optimizer.step()``, then ``model.reset_max_logits()``. Returns ``{layer index: heads clipped}`` for
-    every layer processed (the metrics)."""
+    ``optimizer.step()``, then ``model.reset_max_logits()``. Returns ``{layer index: heads clipped}`` (device
+    scalars) for every layer processed (the metrics)."""
     if not tau > 0:
         raise ValueError(f"qk_clip_: tau must be > 0, got {tau}")
     model = _unwrap(model)
     if max_logits is None:
         max_logits = model.max_logits()
-    counts: dict[int, int] = {}
+    counts: dict[int, torch.Tensor] = {}
     for name, block in model.layers.items():
         idx = int(name)
         if idx not in max_logits:

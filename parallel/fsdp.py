@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,7 @@ from torch.utils.checkpoint import (
 )
 
 from models.moe import MoE
+from models.stats import recomputing
 from models.transformer import Transformer
 
 # Selective checkpointing keeps what is expensive to recompute (matmuls, attention, the all-to-all's
@@ -78,11 +81,23 @@ def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) 
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_contexts() -> tuple[_Caching, _Cached]:
+def _selective_contexts() -> tuple[_Caching, contextlib.AbstractContextManager]:
     """`create_selective_checkpoint_contexts(_selective_policy)` with our ignored ops: the forward and the
-    recompute mode share one storage."""
+    recompute mode share one storage. The recompute is marked (`models.stats.recomputing`) so the layers do
+    not count their statistics twice."""
     storage: dict = defaultdict(dict)
-    return _Caching(_selective_policy, storage), _Cached(None, storage)  # (the replay takes no policy)
+    return _Caching(_selective_policy, storage), _marked(_Cached(None, storage))  # (the replay takes no policy)
+
+
+def _full_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Full recompute: nothing special in the forward; the recompute is marked, as above."""
+    return contextlib.nullcontext(), recomputing()
+
+
+@contextlib.contextmanager
+def _marked(mode: contextlib.AbstractContextManager) -> Iterator[None]:
+    with mode, recomputing():
+        yield
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
@@ -95,7 +110,7 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
         raise ValueError(f"parallel.activation_checkpointing must be none|selective|full, got '{mode}'")
     for name, block in list(model.layers.items()):
         if mode == "full":
-            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=_full_contexts)
         else:
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=_selective_contexts)
 

@@ -46,11 +46,11 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     return total
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over all ranks (out of place); the identity in one process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum over the ranks of `group` (default: all ranks), out of place; the identity in one process."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
         t = t.clone()
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
     return t
 
 
@@ -62,9 +62,10 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Elementwise max over all ranks (out of place); the identity in one process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+def all_reduce_max(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Elementwise max over the ranks of `group` (default: all ranks), out of place; the identity in one
+    process."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t

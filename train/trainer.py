@@ -22,9 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from data.loader import build_loaders, document_positions, eval_batches
 from models import Transformer
-from models.plan import flops_per_token
+from models.flops import flops_per_token
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
-from optim.qk_clip import qk_clip_
 from parallel import (
     all_reduce_max,
     all_reduce_mean,
@@ -40,6 +39,8 @@ from train.metrics import MetricsLogger, detect_peak_tflops, peak_memory_gb
 from train.resume import check_resume
 from train.signals import stop_signals
 from train.spikes import SpikeDetector
+from train.step_hooks import register_post_step_hooks
+from train.step_record import StepRecord
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,6 +108,11 @@ class Trainer:
 
         self.model = build_model(cfg, self.device, self.mesh)
         self.optimizer = build_optimizer(self.model, dataclasses.asdict(cfg.optim))
+        _, self._qk_clip = register_post_step_hooks(self.optimizer, self.model, cfg.optim.qk_clip_tau)
+        # Statistics are reduced over the ranks that see different tokens for the same weights: every
+        # data-parallel rank (the flattened "dp" dim, expert parallelism included), never implicitly WORLD.
+        self._stats_group = self.mesh["dp"].get_group() if self.mesh is not None else None
+        self._stop_seen = 0.0
         self.train_loader, self.val_dataset, self.tokenizer = build_loaders(
             cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size, seed=t.seed,
             dp_rank=self.rank, dp_world=self.world, vocab_size=cfg.model.vocab_size)
@@ -163,6 +169,9 @@ class Trainer:
         return lm, out.balance_loss
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step. The trainer orchestrates; it walks no layer. Device->host synchronisations: one
+        to decide whether the update is finite (and whether a stop signal arrived), one to read the whole
+        metrics record, at any depth (expert parallelism's split sizes aside: see docs/architecture.md)."""
         cfg, model = self.cfg, self.model
         model.train()
         t0 = time.perf_counter()
@@ -172,6 +181,7 @@ class Trainer:
         if self._sample_log is not None:  # append-only, survives restarts: which samples each step trained on
             self._sample_log.write(f"{self.step + 1} {first_sample} {first_sample + inputs.shape[0]}\n")
             self._sample_log.flush()
+        model.reset_stats()
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         mb = cfg.train.micro_batch_size
@@ -184,84 +194,63 @@ class Trainer:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(model.parameters(), clip)  # global norm over all ranks' shards
         lr = self.optimizer.param_groups[0]["lr"]
-        # Means over all ranks weighted by their tokens (equal today, but the formula stays right if not).
-        ntok = float(targets.numel())
-        sums = all_reduce_sum(torch.stack([lm_sum / self.accum_steps * ntok, aux_sum / self.accum_steps * ntok,
-                                           torch.tensor(ntok, device=self.device)]))
-        lm_loss, aux = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-        loss = lm_loss + aux  # what the gradients are of
-        # Every rank sees the same global loss and norm, so all of them take the same branch.
-        finite = math.isfinite(loss) and math.isfinite(grad_norm.item())
+        # All of the step's statistics in one bucket per reduction op, over the ranks that see other tokens for
+        # the same weights: losses (weighted by tokens), expert loads and drops summed; max logits and the stop
+        # flag maxed. The model takes the global values back for the post-step hooks.
+        stats = model.stats_buckets()
+        ntok = torch.tensor(float(targets.numel()), device=self.device)
+        losses = torch.stack([lm_sum / self.accum_steps * ntok, aux_sum / self.accum_steps * ntok, ntok])
+        summed = all_reduce_sum(torch.cat([stats.sum, losses.double()]), self._stats_group)
+        stop = torch.tensor([0.0 if stop_signals.received is None else 1.0], device=self.device)
+        maxed = all_reduce_max(torch.cat([stats.max, stop]), self._stats_group)
+        stats.sum, stats.max = summed[:-3], maxed[:-1]
+        model.load_stats(stats)
+        lm_loss, aux_loss = summed[-3] / summed[-1], summed[-2] / summed[-1]
+        loss = lm_loss + aux_loss  # what the gradients are of
+        # Every rank has the same global loss and norm, so all of them take the same branch (sync 1 of 2).
+        finite, self._stop_seen = (torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm),
+                                                maxed[-1] > 0]).tolist())
         if finite:
-            self.optimizer.step()
+            self.optimizer.step()  # then its post-step hooks: router-bias update, QK-Clip (train/step_hooks.py)
+            self._bad_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # the schedule follows the step count, skipped or not
-
-        if finite:
-            self._bad_in_a_row = 0
-            loads = model.update_router_biases(reduce=all_reduce_sum)  # global load: the same update everywhere
-            # QK-Clip (K2): per-head max logits of this step, global over ranks, rescale heads above tau.
-            max_logits = model.max_logits()
-            layers = sorted(max_logits)
-            per_head = all_reduce_max(torch.stack([max_logits[i] for i in layers]).to(self.device))
-            clipped = {}
-            if cfg.optim.qk_clip_tau is not None:
-                clipped = qk_clip_(model, dict(zip(layers, per_head, strict=True)), tau=cfg.optim.qk_clip_tau)
-        else:
-            self._skip_bad_step(loss, grad_norm.item())
-            loads, layers, clipped = {}, [], {}
-            per_head = torch.empty(0, 1)
-            for moe in model.moe_layers():
-                moe.expert_load.zero_()
-        model.reset_max_logits()
 
         self.step += 1
         tokens = inputs.numel() * self.world
         self.tokens_seen += tokens
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        record = StepRecord()
+        for name, value in (("loss", loss), ("lm_loss", lm_loss), ("balance_loss", aux_loss),
+                            ("grad_norm", grad_norm)):
+            record.scalar(name, value)
+        clipped = self._qk_clip.clipped if finite and self._qk_clip is not None else None
+        with_shares = self.step % cfg.logging.expert_load_interval == 0 or self.step == 1  # for the heatmap
+        record.add_stats(stats, clipped, model.router_bias_spread(), with_shares)
+        rec: dict[str, Any] = {"step": self.step, **record.to_host()}  # sync 2 of 2
         dt = time.perf_counter() - t0
-        spike = self.spikes.update(loss)
+        if not finite:
+            self._skip_bad_step(rec["loss"], rec["grad_norm"])
+        rec["moe/dropped_tokens"] = int(rec["moe/dropped_tokens"])
+        for key in [k for k in rec if k.startswith("qk_clip/heads_clipped")]:
+            rec[key] = int(rec[key])
+        spike = self.spikes.update(rec["loss"])
         if spike.spike:
-            self.metrics.event(f"loss spike at step {self.step}: {loss:.4f} vs running median {spike.baseline:.4f} "
-                               f"({spike.score:.1f} robust std above; {self.spikes.count} so far)")
+            self.metrics.event(f"loss spike at step {self.step}: {rec['loss']:.4f} vs running median "
+                               f"{spike.baseline:.4f} ({spike.score:.1f} robust std above; {self.spikes.count} so far)")
         tflops = self.flops_per_token * tokens / dt / self.world / 1e12  # achieved, per device
-        rec: dict[str, Any] = {
-            "step": self.step,
-            "loss": loss,
-            "lm_loss": lm_loss,
-            "balance_loss": aux,
+        rec.update({
             "lr": lr,
-            "grad_norm": grad_norm.item(),
             "tokens_per_s": tokens / dt,
             "tokens_seen": self.tokens_seen,
             "step_time_s": dt,
             "tflops": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "peak_mem_gb": peak_memory_gb(self.device),
-            "max_logit": per_head.max().item() if per_head.numel() else float("nan"),
-            "qk_clip/heads_clipped": sum(clipped.values()),
             "spike": spike.spike,
             "spikes": self.spikes.count,
             "loss_baseline": spike.baseline,
             "nonfinite_steps": self.nonfinite_steps,
-        }
-        for layer, n in clipped.items():
-            rec[f"qk_clip/heads_clipped/layer{layer}"] = n
-        for layer, row in zip(layers, per_head.tolist(), strict=True):
-            rec[f"attn/max_logit/layer{layer}"] = max(row)
-        for layer, load in loads.items():
-            load = load.float()
-            rec[f"moe/load_imbalance/layer{layer}"] = (load.max() / load.mean().clamp(min=1e-9)).item()
-            if self.step % cfg.logging.expert_load_interval == 0 or self.step == 1:  # shares, for the heatmap
-                shares = (load / load.sum().clamp(min=1e-9)).tolist()
-                rec[f"moe/expert_load/layer{layer}"] = [round(x, 5) for x in shares]
-        dropped = torch.stack([m.dropped_tokens for m in model.moe_layers()]).sum() if loads else torch.zeros(())
-        for moe in model.moe_layers():
-            moe.dropped_tokens.zero_()
-        rec["moe/dropped_tokens"] = int(all_reduce_sum(dropped.to(self.device)).item())  # capacity drops
-        for layer, moe_bias in self._router_bias_spread().items():
-            rec[f"moe/bias_spread/layer{layer}"] = moe_bias
+        })
         return rec
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
@@ -278,14 +267,6 @@ class Trainer:
                 f"stopping: {self._bad_in_a_row} steps in a row (up to step {self.step + 1}) had a non-finite loss "
                 f"or gradient norm (train.max_bad_steps={self.cfg.train.max_bad_steps}); {last}. Lower optim.lr, "
                 f"check the data around these steps, or resume from an earlier checkpoint.")
-
-    def _router_bias_spread(self) -> dict[int, float]:
-        out = {}
-        for name, block in self.model.layers.items():
-            bias = getattr(getattr(block.mlp, "gate", None), "e_score_correction_bias", None)
-            if bias is not None:
-                out[int(name)] = (bias.max() - bias.min()).item()
-        return out
 
     # --- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -323,11 +304,15 @@ class Trainer:
 
     # --- signals ----------------------------------------------------------------------------------
     def _stopped_by(self, trained: bool = True) -> str | None:
-        """The stop signal's name if any rank got one (a scheduler may signal only some of them), else None."""
-        flag = torch.tensor([0.0 if stop_signals.received is None else 1.0], device=self.device)
-        if self.world > 1:
-            flag = all_reduce_max(flag)
-        if flag.item() == 0.0:
+        """The stop signal's name if any rank got one (a scheduler may signal only some of them), else None.
+        After a step the flag came with the step's statistics (no extra synchronisation); before the first
+        step it is asked for here."""
+        if trained:
+            seen = bool(self._stop_seen)
+        else:
+            flag = torch.tensor([0.0 if stop_signals.received is None else 1.0], device=self.device)
+            seen = all_reduce_max(flag, self._stats_group).item() > 0
+        if not seen:
             return None
         name = stop_signals.name or "another rank"
         self.metrics.event(f"{name} received: " + (f"saving step {self.step} and exiting" if trained else
