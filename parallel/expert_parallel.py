@@ -40,15 +40,15 @@ def shard_experts(experts: GroupedExperts, ep_mesh: DeviceMesh) -> None:
         setattr(experts, name, nn.Parameter(dt, requires_grad=param.requires_grad))
 
 
-def _regroup_index(recv_counts: torch.Tensor) -> torch.Tensor:
+def _regroup_index(recv_counts: torch.Tensor, total: int) -> torch.Tensor:
     """Row order that turns received rows, laid out (source rank, local expert), into (local expert,
-    source rank) blocks — the contiguous per-expert groups a grouped GEMM needs."""
+    source rank) blocks — the contiguous per-expert groups a grouped GEMM needs. `total`: the rows received
+    (`recv_counts.sum()`, already on the host)."""
     ranks, n_local = recv_counts.shape
     flat = recv_counts.flatten()
     starts = torch.cumsum(flat, 0) - flat  # start row of each (rank, expert) block
     by_expert = recv_counts.t().flatten()  # block lengths in (expert, rank) order
     block_starts = starts.view(ranks, n_local).t().flatten()
-    total = int(flat.sum())
     block_id = torch.repeat_interleave(torch.arange(by_expert.numel(), device=flat.device), by_expert,
                                        output_size=total)
     offset_in_block = torch.arange(total, device=flat.device) - torch.repeat_interleave(
@@ -73,9 +73,11 @@ class _Dispatcher:
             recv = torch.empty_like(counts)
             dist.all_to_all_single(recv, counts, group=self.group)  # recv[i*El + e]: rank i -> my expert e
             recv = recv.view(self.ep, -1)
-            send_splits = counts.view(self.ep, -1).sum(1).tolist()
-            recv_splits = recv.sum(1).tolist()
-            order = _regroup_index(recv)
+            # all_to_all_single takes its split sizes as host integers: the dispatch's one device->host wait
+            # per MoE layer and forward (a device-side dispatch would remove it; docs/architecture.md).
+            sizes = torch.cat([counts.view(self.ep, -1).sum(1), recv.sum(1)]).tolist()
+            send_splits, recv_splits = sizes[:self.ep], sizes[self.ep:]
+            order = _regroup_index(recv, sum(recv_splits))
             local_counts = recv.sum(0)
         x_recv = all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, self.group)
         self.plan.append((send_splits, recv_splits, order))

@@ -128,10 +128,10 @@ def test_regroup_index_orders_rows_by_local_expert() -> None:
     # 2 source ranks x 3 local experts; rows arrive (source, expert)-major
     recv = torch.tensor([[2, 0, 1], [1, 3, 0]])
     labels = [(src, e) for src in range(2) for e in range(3) for _ in range(int(recv[src, e]))]
-    order = _regroup_index(recv)
+    order = _regroup_index(recv, int(recv.sum()))
     regrouped = [labels[i] for i in order.tolist()]
     assert regrouped == sorted(labels, key=lambda t: (t[1], t[0]))
-    assert _regroup_index(torch.zeros(2, 3, dtype=torch.long)).numel() == 0
+    assert _regroup_index(torch.zeros(2, 3, dtype=torch.long), 0).numel() == 0
 
 
 def test_parallel_dims_validation_names_the_key() -> None:
