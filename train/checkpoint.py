@@ -495,8 +495,8 @@ class Checkpointer:
         distributed = _world() > 1
         self._group = dist.new_group(backend="gloo") if async_save and distributed else None
         self._hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if async_save else None
-        if async_save and not distributed:  # the writer thread warns outside `quiet_dcp`; one process is intended
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        # In one process DCP's writer thread warns once that torch.distributed is off (outside `quiet_dcp`,
+        # which cannot cover another thread): left visible, since a library must not filter warnings globally.
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any], config_yaml: str) -> Path | None:

@@ -254,17 +254,18 @@ class Trainer:
         return rec
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
-        """A NaN/Inf loss or gradient: the update was not applied. Count it; stop after too many in a row."""
+        """A NaN/Inf loss or gradient: the update of step `self.step` was not applied. Count it; stop after too
+        many in a row."""
         self.nonfinite_steps += 1
         self._bad_in_a_row += 1
         limit = max(1, self.cfg.train.max_bad_steps)
-        self.metrics.event(f"step {self.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; update "
+        self.metrics.event(f"step {self.step}: loss {loss} / grad norm {grad_norm} is not finite; update "
                            f"skipped ({self._bad_in_a_row} in a row, limit {limit})")
         if self._bad_in_a_row >= limit:
             ckpts = list_checkpoints(self.out_dir)
             last = f"the last good checkpoint is {ckpts[-1][1]}" if ckpts else "no checkpoint was written yet"
             raise TrainingDiverged(
-                f"stopping: {self._bad_in_a_row} steps in a row (up to step {self.step + 1}) had a non-finite loss "
+                f"stopping: {self._bad_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss "
                 f"or gradient norm (train.max_bad_steps={self.cfg.train.max_bad_steps}); {last}. Lower optim.lr, "
                 f"check the data around these steps, or resume from an earlier checkpoint.")
 
