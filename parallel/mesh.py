@@ -77,8 +77,9 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     return mesh
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; (rank, world). One process: (0, 1)."""
+def init_distributed(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; (rank, world). One process: (0, 1).
+    `timeout_minutes` (`parallel.timeout_minutes`): how long a collective waits for a hung or dead peer."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
@@ -86,6 +87,5 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get(
-            "CHOGORI_PG_TIMEOUT_MIN", "30"))))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()

@@ -69,6 +69,7 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP2 shard degree; -1 = the rest of the world
     ep: int = 1  # expert-parallel degree (borrowed from the data-parallel ranks)
     activation_checkpointing: str = "none"  # none | selective | full
+    timeout_minutes: int = 30  # how long a collective may wait (a hung or dead peer) before the process group fails
 
 
 @dataclass
@@ -301,6 +302,7 @@ def validate(cfg: ExperimentConfig) -> None:
         value = getattr(cfg.parallel, key)
         need(value == -1 or value >= 1, f"parallel.{key}", f"must be -1 (the rest of the world) or >= 1, got {value}")
     one_of("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, ("none", "selective", "full"))
+    at_least("parallel.timeout_minutes", cfg.parallel.timeout_minutes, 1)
     # checkpoint
     at_least("checkpoint.interval", cfg.checkpoint.interval, 0, " (0 = only at the end)")
     at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)

@@ -96,7 +96,7 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.device = pick_device(t.device)
         # Under torchrun every rank runs this same code; one process is the world-size-1 case of it.
-        self.rank, self.world = init_distributed(self.device)
+        self.rank, self.world = init_distributed(self.device, cfg.parallel.timeout_minutes)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dims = validate_layout(cfg, self.world)
