@@ -54,17 +54,21 @@ def test_every_config_key_is_documented() -> None:
     assert not missing, f"undocumented config keys: {missing}"
 
 
+def imported_modules(path: Path) -> list[str]:
+    """The absolute module names a file imports (relative imports are its own package's)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
 def test_models_imports_nothing_from_the_machinery_around_it() -> None:
-    forbidden = {"parallel", "optim", "data", "train", "launch"}
-    offenders = []
-    for path in (ROOT / "models").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
+    forbidden = {"parallel", "optim", "data", "train", "launch", "tools"}
+    offenders = [f"{path.name}: {n}" for path in (ROOT / "models").rglob("*.py")
+                 for n in imported_modules(path) if n.split(".")[0] in forbidden]
     assert not offenders, offenders
 
 
@@ -75,16 +79,9 @@ def test_nothing_outside_tools_imports_tools() -> None:
 
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     assert "tools" in packages and "models" in packages
-    offenders = []
-    for top in [p for p in packages if p != "tools"] + ["bench"]:
-        for path in (ROOT / top).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = []
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names = [node.module]
-                offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "tools"]
+    offenders = [f"{path.relative_to(ROOT)}: {n}" for top in [p for p in packages if p != "tools"] + ["bench"]
+                 for path in (ROOT / top).rglob("*.py") for n in imported_modules(path)
+                 if n.split(".")[0] == "tools"]
     assert not offenders, offenders
 
 
