@@ -9,6 +9,7 @@ Expert parallelism replaces only the middle call with an all-to-all around the l
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,13 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (scores [T, E] fp32, topk_idx [T, k], topk_weight [T, k] fp32)."""
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        # DeepSeek-V3 scores in fp32: a bf16 GEMM here flips near-tied top-k choices for many tokens. `.float()`
+        # alone is not enough, since autocast would run F.linear in bf16 anyway, so autocast is off for the
+        # scoring; the weight is cast up too, so a bf16 copy of it (a bf16 parameter policy) still meets an fp32 GEMM.
+        # (Only where autocast exists for the device: torch.autocast rejects e.g. "meta" outright.)
+        no_autocast = torch.amp.is_autocast_available(x.device.type)
+        with torch.autocast(device_type=x.device.type, enabled=False) if no_autocast else nullcontext():
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         with torch.no_grad():
             choice = scores + self.e_score_correction_bias
             if cfg.n_group > 1:

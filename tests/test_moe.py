@@ -117,6 +117,24 @@ def test_router_bf16_input_scores_in_fp32():
     torch.testing.assert_close(s16, s32, rtol=2e-2, atol=2e-2)
 
 
+def test_router_chooses_as_fp32_under_bf16_autocast():
+    """DeepSeek-V3-scale routing (384 experts, top-8, 8 groups keep 4): under bf16 autocast the router still
+    scores in fp32, so from the same bf16 hidden states it picks the expert sets an fp32 router picks. (With
+    autocast running the scoring GEMM in bf16, about 12% of these tokens got a different set.)"""
+    cfg = moe_config(hidden_size=256, n_routed_experts=384, num_experts_per_tok=8, n_group=8, topk_group=4)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(384, 256, generator=gen(1)) / 16)
+        router.e_score_correction_bias.copy_(0.01 * torch.randn(384, generator=gen(2)))
+    x = torch.randn(4096, 256, generator=gen(3)).bfloat16()
+    _, idx32, _ = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s16, idx16, w16 = router(x)
+    agree = (idx32.sort(-1).values == idx16.sort(-1).values).all(-1).float().mean().item()
+    assert agree >= 0.999, agree
+    assert s16.dtype == torch.float32 and w16.dtype == torch.float32
+
+
 # ================================================================================================== MoE
 def moe_reference(params: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig,
                   capacity: int | None = None) -> torch.Tensor:
