@@ -101,6 +101,10 @@ def from_hf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
             out[key] = t
         elif key.startswith("model.layers.") and int(key.split(".")[2]) >= cfg.num_hidden_layers:
             continue  # multi-token-prediction layers of the released checkpoints: not part of this network
+        elif cfg.n_shared_experts == 0 and ".mlp.shared_experts." in key and t.numel() == 0:
+            # transformers builds a shared expert of width moe_intermediate_size * 0 even when there is none, and
+            # saves its zero-size tensors; Chogori has no module for it. Non-empty ones still fail the strict load.
+            continue
         elif key.startswith("model."):
             out[key.removeprefix("model.")] = t
         else:
@@ -215,7 +219,8 @@ def read_hf_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def import_hf(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
               device: str | torch.device = "cpu") -> Transformer:
     """Load a released-layout checkpoint into a Chogori `Transformer` (built on the meta device first,
-    so no memory is spent on a throwaway random init). `dtype=None` keeps the stored dtype."""
+    so no memory is spent on a throwaway random init). Each tensor is cast as `import_dtype` says: router
+    weights and correction biases float32, the rest `dtype`, or with `dtype=None` their stored dtype."""
     ckpt_dir = Path(ckpt_dir)
     config = _read_json(ckpt_dir / "config.json")
     try:
@@ -230,13 +235,26 @@ def import_hf(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
         model.lm_head.weight = model.embed_tokens.weight
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])
     model.init_weights()  # buffers (rotary, stats); parameters are overwritten just below
-    # Only the parameters take the checkpoint's dtype: the buffers (rotary frequencies, the correction
-    # bias, max-logit and load statistics) stay float32 — `model.to(bf16)` would round them too.
-    target = dtype or state["embed_tokens.weight"].dtype
-    for p in model.parameters():
-        p.data = p.data.to(target)
+    # Each parameter takes the dtype `import_dtype` gives it before the strict load copies the file's values in.
+    # The buffers are left alone: the rotary frequencies, max-logit and load statistics stay float32 (a blanket
+    # `model.to(bf16)` would round them) and the correction bias, float32 too, takes the file's values.
+    for name, p in model.named_parameters():
+        stored = state[name].dtype if name in state else p.dtype  # a missing tensor fails the strict load below
+        p.data = p.data.to(import_dtype(name, stored, dtype))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def import_dtype(name: str, stored: torch.dtype, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the tensor `name` (our state-dict name) is imported in, given its dtype in the file.
+
+    Router weights and correction biases are always float32: DeepSeek-V3 routes in fp32, transformers and the
+    released checkpoints store them in fp32 beside bf16 weights, and rounding them changes which experts are
+    chosen. Every other tensor takes `dtype` when given, else keeps its stored dtype (a bf16 file stays bf16).
+    """
+    if name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+        return torch.float32
+    return dtype or stored
 
 
 def _rmtree(path: Path) -> None:

@@ -229,6 +229,66 @@ def test_import_of_transformers_checkpoint(tmp_path, overrides, seq):
         assert max_diff(ours(ids).logits, hf(ids).logits) <= LOGIT_TOL
 
 
+def test_import_keeps_fp32_router_of_bf16_checkpoint(tmp_path):
+    """transformers (like the released checkpoints) saves a bf16 model with its router weights in fp32: the
+    import keeps those bits, keeps the other tensors bf16, and an explicit dtype does not round the router."""
+    cfg = make_config(CASES[0][1])
+    hf = make_hf(cfg, seed=12).to(torch.float32)
+    with torch.no_grad():  # fp32 router values that bf16 cannot hold, so rounding them would show
+        for layer in hf.model.layers[cfg.first_k_dense_replace:]:
+            layer.mlp.gate.weight.add_(1e-3 * torch.randn(layer.mlp.gate.weight.shape, generator=gen(13)))
+    bf16 = AutoModelForCausalLM.from_config(hf.config, attn_implementation="eager", dtype=torch.bfloat16)
+    bf16.load_state_dict(hf.state_dict())
+    bf16.save_pretrained(tmp_path / "hf")
+    on_disk = read_hf_tensors(tmp_path / "hf")
+    gates = {k: t for k, t in on_disk.items() if k.endswith("mlp.gate.weight")}
+    assert len(gates) == cfg.num_moe_layers and all(t.dtype == torch.float32 for t in gates.values())
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in gates.values())
+    assert on_disk["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+    for dtype in (None, torch.bfloat16):
+        ours = import_hf(tmp_path / "hf", dtype=dtype)
+        state = ours.state_dict()
+        for name, t in gates.items():
+            assert state[name.removeprefix("model.")].dtype == torch.float32, name
+            assert torch.equal(state[name.removeprefix("model.")], t), name
+        assert ours.embed_tokens.weight.dtype == torch.bfloat16
+        assert all(m.experts.gate_proj.dtype == torch.bfloat16 for m in ours.moe_layers())
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")  # transformers' zero-width MLP
+def test_import_of_transformers_checkpoint_without_shared_experts(tmp_path):
+    """With n_shared_experts 0 transformers still builds (and saves) a zero-width shared expert; the import
+    skips its empty tensors and gives transformers' logits. Our own export of such a model round-trips."""
+    cfg = make_config(dict(n_shared_experts=0, n_routed_experts=16, num_experts_per_tok=3, n_group=4,
+                           topk_group=2))
+    hf = make_hf(cfg, seed=14)
+    hf.save_pretrained(tmp_path / "hf")
+    on_disk = read_hf_tensors(tmp_path / "hf")
+    empty = {k for k, t in on_disk.items() if ".shared_experts." in k}
+    assert empty and all(on_disk[k].numel() == 0 for k in empty)  # what transformers writes today
+
+    ours = import_hf(tmp_path / "hf").eval()
+    assert ours.cfg == released(cfg)
+    assert all(m.shared_experts is None for m in ours.moe_layers())
+    exported = dict(to_hf_tensors(ours.state_dict()))
+    assert exported.keys() == on_disk.keys() - empty
+    assert all(torch.equal(exported[k], on_disk[k]) for k in exported)
+    ids = token_ids(cfg, 24, seed=15)
+    with torch.no_grad():
+        ours_logits = ours(ids).logits
+        assert max_diff(ours_logits, hf(ids).logits) <= LOGIT_TOL
+
+    export_hf(ours, tmp_path / "ours", dtype=torch.float32)
+    assert not any(".shared_experts." in k for k in read_hf_tensors(tmp_path / "ours"))
+    back = import_hf(tmp_path / "ours").eval()
+    src = ours.state_dict()
+    assert back.state_dict().keys() == src.keys()
+    assert all(torch.equal(t, src[k]) for k, t in back.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ours_logits)
+
+
 def test_gradients_match_transformers(tmp_path):
     """d(cross-entropy)/d(every parameter) agrees with transformers (eval mode: our balance loss is 0)."""
     cfg = make_config(CASES[0][1])
@@ -323,6 +383,8 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, dtype):
     for name, t in back.state_dict().items():
         if name.endswith("e_score_correction_bias"):
             assert t.dtype == torch.float32 and torch.equal(t, src[name]), name
+        elif name.endswith("mlp.gate.weight"):  # the router is imported in fp32, holding the file's values
+            assert t.dtype == torch.float32 and torch.equal(t, src[name].to(dtype).float()), name
         else:
             assert t.dtype == dtype and torch.equal(t, src[name].to(dtype)), name
     # buffers that are not in the checkpoint stay float32 and are rebuilt exactly
