@@ -75,7 +75,9 @@ class ModelConfig:
     aux_loss_alpha: float = 1e-4  # weight of the sequence-wise balance loss (DeepSeek-V3: 1e-4)
     bias_update_speed: float = 1e-3  # gamma of the auxiliary-loss-free bias update
     capacity_factor: float | None = None  # None: dropless; else drop tokens over capacity
-    attn_impl: str = "eager"  # eager | sdpa (sdpa computes the max logit in a separate no-grad pass)
+    # sdpa: the fused path (flex_attention on CUDA, SDPA + a chunked max logit elsewhere), no [S, S] per head;
+    # eager: the full score matrix, the reference the tests compare against
+    attn_impl: str = "sdpa"
 
     TRAINING_ONLY = ("aux_loss_alpha", "bias_update_speed", "capacity_factor", "attn_impl")
 

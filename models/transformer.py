@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.attention import MLAttention
+from models.attention import AttentionMask, MLAttention
 from models.config import ModelConfig
 from models.layers import MLP, RMSNorm, RotaryEmbedding
 from models.moe import MoE
@@ -46,7 +46,7 @@ class Block(nn.Module):
                                                                                 cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask)
         h = self.post_attention_layernorm(x)
@@ -58,11 +58,11 @@ class Block(nn.Module):
 
 
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Causal attention within documents: bool [B, 1, S, S], True where query i may attend to key j."""
+    """Causal attention within documents as a dense bool [B, 1, S, S], True where query i may attend to key j.
+    A reference only: the model passes `AttentionMask(document_ids)`, which never builds this [S, S] tensor
+    outside `attn_impl: eager`."""
     s = document_ids.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
-    same = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same & causal)[:, None]
+    return AttentionMask(document_ids).rows(0, s, s, document_ids.device)
 
 
 class Transformer(nn.Module):
@@ -94,7 +94,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = self.rotary(positions, x.dtype)
-        mask = None if document_ids is None else document_mask(document_ids)
+        # O(B*S) ids, not a dense mask; built once so the CUDA path's BlockMask is shared by all layers
+        mask = AttentionMask(document_ids)
         balance = torch.zeros((), device=x.device, dtype=torch.float32)
         for block in self.layers.values():
             x, aux = block(x, rope, mask)
