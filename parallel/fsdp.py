@@ -78,7 +78,11 @@ class _Cached(_IgnoreOps, _CachedTorchDispatchMode):
 
 
 def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    # A matmul under no_grad (attention's chunked max-logit pass) is not needed by backward: keeping it would
+    # hold every chunk until backward.
+    if op in _SAVE_OPS and torch.is_grad_enabled():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts() -> tuple[_Caching, contextlib.AbstractContextManager]:
