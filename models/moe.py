@@ -9,7 +9,8 @@ Expert parallelism replaces only the middle call with an all-to-all around the l
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,14 @@ class Router(nn.Module):
     groups; gating weights are the *unbiased* scores of the chosen experts (DeepSeek-V3, eq. 16-20).
 
     The bias is a buffer: it is never trained by gradients, only nudged by `MoE.update_bias`.
+
+    `force_balanced` (off by default; set it with `forced_balanced_routing`, for benchmarks only) replaces the
+    top-k choice with a fixed balanced one: token t's k experts are (t*k + j) mod E, j < k, so every expert gets
+    the same number of copies whenever T*k is a multiple of E. The gating weights are still the router's
+    scores gathered at those experts, so the FLOPs and the backward are those of a real step.
     """
+
+    force_balanced: bool = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -45,19 +53,48 @@ class Router(nn.Module):
         no_autocast = torch.amp.is_autocast_available(x.device.type)
         with torch.autocast(device_type=x.device.type, enabled=False) if no_autocast else nullcontext():
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        with torch.no_grad():
-            choice = scores + self.e_score_correction_bias
-            if cfg.n_group > 1:
-                grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-                top_groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices
-                keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-                choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
-            topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+        if self.force_balanced:
+            topk_idx = balanced_topk(x.shape[0], cfg.num_experts_per_tok, cfg.n_routed_experts, x.device)
+        else:
+            topk_idx = self._choose(scores)
         weight = scores.gather(1, topk_idx)
         if cfg.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         return scores, topk_idx, weight * cfg.routed_scaling_factor
+
+    @torch.no_grad()
+    def _choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The natural top-k: biased scores, group-limited."""
+        cfg = self.cfg
+        choice = scores + self.e_score_correction_bias
+        if cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            top_groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+        return choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+
+
+def balanced_topk(num_tokens: int, k: int, num_experts: int, device: torch.device | str) -> torch.Tensor:
+    """[T, k] expert ids (t*k + j) mod E: consecutive, so distinct per token while k <= E, and every expert
+    gets exactly T*k/E copies when E divides T*k."""
+    return torch.arange(num_tokens * k, device=device).view(num_tokens, k) % num_experts
+
+
+@contextmanager
+def forced_balanced_routing(model: nn.Module) -> Iterator[None]:
+    """Every `Router` in `model` routes with `balanced_topk` inside the block (the routing peers' MFU figures
+    assume); the previous setting is restored on exit."""
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    before = [r.force_balanced for r in routers]
+    for r in routers:
+        r.force_balanced = True
+    try:
+        yield
+    finally:
+        for r, b in zip(routers, before, strict=True):
+            r.force_balanced = b
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelConfig, Transformer
-from models.moe import MoE, Router, grouped_matmul, permute, sequence_balance_loss, unpermute
+from models.moe import MoE, Router, forced_balanced_routing, grouped_matmul, permute, sequence_balance_loss, unpermute
 from tests.model_helpers import gen, moe_config, randomize_
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add overhead
@@ -290,6 +290,38 @@ def test_moe_dropless_under_extreme_imbalance():
     assert moe.expert_load.tolist() == [24, 24, 0, 0, 0, 0, 0, 0]
     moe.eval()
     _check_moe_against_reference(moe, x, rtol=1e-6, atol=1e-9)
+
+
+def test_forced_balanced_routing_balances_exactly_and_is_off_by_default():
+    """The benchmark-only option: every expert gets T*k/E copies, token t's experts are (t*k + j) mod E, the
+    gating weights are still the router's scores there (so gradients reach it); outside the block, and by
+    default, routing is the natural one, bit for bit."""
+    moe = _skewed_moe(capacity_factor=1.0).train()  # natural routing would send every token to experts 0, 1
+    cfg = moe.cfg
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    x = torch.randn(2, 12, 32, generator=gen(16))
+    flat = x.view(-1, 32)
+    assert not Router.force_balanced and not moe.gate.force_balanced
+    s0, idx0, w0 = moe.gate(flat)
+    y0, _ = moe(x)
+    moe.reset_stats()
+    with forced_balanced_routing(moe):
+        s, idx, w = moe.gate(flat)
+        y, _ = moe(x)
+    assert idx.tolist() == [[(t * k + j) % e for j in range(k)] for t in range(flat.shape[0])]
+    assert moe.expert_load.tolist() == [flat.shape[0] * k / e] * e  # imbalance max/mean exactly 1
+    assert moe.dropped_tokens.item() == 0  # a capacity of exactly T*k/E drops nothing
+    gathered = s.double().gather(1, idx)
+    expect = gathered / gathered.sum(-1, keepdim=True) if cfg.norm_topk_prob else gathered
+    torch.testing.assert_close(w.double(), cfg.routed_scaling_factor * expect)
+    y.square().sum().backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+    # restored: the same natural routing and output as before the block
+    assert not moe.gate.force_balanced
+    s1, idx1, w1 = moe.gate(flat)
+    assert torch.equal(idx1, idx0) and torch.equal(w1, w0) and torch.equal(s1, s0)
+    assert set(idx0.flatten().tolist()) == {0, 1}
+    torch.testing.assert_close(moe(x)[0], y0, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
