@@ -109,6 +109,13 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.shape[-1] * size) % 16 == 0 and (w.shape[1] * size) % 16 == 0
 
 
+@torch.compiler.disable
+def _grouped_mm_not_traced(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm` run eagerly under torch.compile (a graph break): torch 2.13's fake-tensor rule for it
+    accepts only bf16 operands, although the CPU kernel runs fp32 and fp16 too."""
+    return torch._grouped_mm(x, w_t, offs=offs)
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Row block g of `x` (counts[g] rows, blocks in order) times w[g].T; w is [G, out, in].
 
@@ -118,6 +125,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     """
     if _grouped_mm_ok(x, w):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        if x.dtype != torch.bfloat16:  # the CPU kernel takes fp32/fp16, but its compile-time shape rule wants bf16
+            return _grouped_mm_not_traced(x, w.transpose(-2, -1), offs)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     out, start = [], 0
     for g, n in enumerate(counts.tolist()):

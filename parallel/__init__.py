@@ -13,13 +13,18 @@ from parallel.utils import all_reduce_max, all_reduce_mean, all_reduce_sum, clip
 
 
 def parallelize(model: Transformer, mesh: torch.distributed.device_mesh.DeviceMesh | None,
-                activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None) -> Transformer:
+                activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None,
+                compile: bool = False) -> Transformer:
     """Apply, in this order: expert parallelism (experts become DTensors on "ep"), activation
-    checkpointing (wraps blocks), FSDP2 (shards what is left). Call on the meta-device model, then
-    `to_empty` + `init_weights`. With `mesh=None` (one process) only activation checkpointing applies."""
+    checkpointing (wraps blocks), `torch.compile` of each block (regional: one small graph per block kind,
+    parameter names unchanged), FSDP2 (shards what is left). Call on the meta-device model, then
+    `to_empty` + `init_weights`. With `mesh=None` (one process) only checkpointing and compile apply."""
     if mesh is not None:
         apply_expert_parallel(model, mesh["ep"])
     apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        for block in model.layers.values():
+            block.compile()  # in place: the module (and its state-dict names) stays, its forward is compiled
     if mesh is not None:
         apply_fsdp(model, mesh, param_dtype=param_dtype)
     return model

@@ -65,7 +65,8 @@ def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | 
     and initialise: the weights depend only on the seed, not on the number of ranks or the layout."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing)
+    parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                compile=cfg.train.compile)
     model.to_empty(device=device)
     model.init_weights(seed=cfg.train.seed)
     return model
@@ -346,6 +347,9 @@ class Trainer:
         try:
             while self.step < t.steps and stopped_by is None:
                 rec = self.train_step()
+                if first_loss is None and cfg.train.compile:  # once: the first step includes compiling the blocks
+                    self.metrics.event(f"torch.compile: step {rec['step']} took {rec['step_time_s']:.1f} s "
+                                       "(compiling the transformer blocks)")
                 first_loss = rec["loss"] if first_loss is None else first_loss
                 last = rec
                 echo = self.step % t.log_interval == 0 or self.step == t.steps
