@@ -18,14 +18,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from models.config import ConfigError
-from train.checkpoint import (
-    CheckpointError,
-    CorruptCheckpoint,
-    UntrustedCheckpoint,
-    list_checkpoints,
-    read_dcp_metadata,
-)
+from train.checkpoint import list_checkpoints
 from train.config import load_config
+from train.safe_load import CheckpointError, CorruptCheckpoint, UntrustedCheckpoint, read_dcp_metadata
 from train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,10 +173,10 @@ def test_the_metadata_unpickler_admits_only_dcp_metadata(tmp_path: Path) -> None
         read_dcp_metadata(bad)
 
 
-def test_a_legacy_pickle_checkpoint_needs_an_explicit_opt_in(finished_run: Path, cache_dir: str,
-                                                             tmp_path: Path) -> None:
-    """A checkpoint in the pre-JSON format (pickled train state) is refused, naming checkpoint.trust_pickle;
-    with the opt-in it resumes."""
+def test_a_legacy_pickle_checkpoint_resumes_without_running_code(finished_run: Path, cache_dir: str,
+                                                                  tmp_path: Path) -> None:
+    """A checkpoint in the pre-JSON format (pickled train state with numpy RNG arrays, no checksums) resumes,
+    read with `weights_only=True`; a pickle planted in its train state is refused by name and never runs."""
     run_dir = copy_run(finished_run, tmp_path / "legacy")
     ckpt = run_dir / "checkpoints" / "step-2"
     state = json.loads((ckpt / "train_state-rank0.json").read_text())
@@ -191,12 +186,14 @@ def test_a_legacy_pickle_checkpoint_needs_an_explicit_opt_in(finished_run: Path,
     for f in [*ckpt.glob("*.json")]:
         f.unlink()
     (ckpt / "COMPLETE").write_text("step 2\n")
-    with pytest.raises(UntrustedCheckpoint, match="checkpoint.trust_pickle=true"):
-        Trainer(config(tmp_path / "a", cache_dir, **{"checkpoint.resume": ckpt}))
-    result = Trainer(config(tmp_path / "b", cache_dir, **{"checkpoint.resume": ckpt,
-                                                         "checkpoint.trust_pickle": True})).run()
+    result = Trainer(config(tmp_path / "b", cache_dir, **{"checkpoint.resume": ckpt})).run()
     assert result["step"] == 4
     assert records(tmp_path / "b")[3]["loss"] == pytest.approx(records(finished_run)[3]["loss"], rel=1e-6)
+    marker = tmp_path / "pwned"
+    plant(ckpt / "train_state-rank0.pt", marker)
+    with pytest.raises(UntrustedCheckpoint, match=str(ckpt / "train_state-rank0.pt")):
+        Trainer(config(tmp_path / "c", cache_dir, **{"checkpoint.resume": ckpt}))
+    assert not marker.exists()
 
 
 # --- keep the right checkpoints -------------------------------------------------------------------

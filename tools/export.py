@@ -37,16 +37,8 @@ from models.config import ConfigError, ModelConfig
 from models.hf import export_hf
 from models.init import canonical_name
 from models.transformer import Transformer
-from train.checkpoint import (
-    COMPLETE,
-    METADATA,
-    CheckpointError,
-    complete_checkpoints,
-    load_dcp_tensors,
-    read_dcp_metadata,
-    read_marker,
-    verify_checkpoint,
-)
+from train.checkpoint import COMPLETE, complete_checkpoints, read_marker, verify_checkpoint
+from train.safe_load import METADATA, CheckpointError, load_dcp_tensors, read_dcp_metadata
 
 MODEL_PREFIX = "model."  # the DCP key prefix of the model's tensors ({"model": ..., "optim": ...})
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -13,10 +13,9 @@ directory renamed into place; resume only considers directories with the marker.
 disk) removes its temporary directory and says which checkpoint is the last good one.
 
 Trust: loading never runs code from a file. Hyperparameters (the optimizer's param groups, the LR
-schedule) are not saved at all — a resume takes them from its config — so DCP holds only tensors; the
-rest is JSON; DCP's pickled `.metadata` is read by an unpickler that admits only DCP's own metadata
-classes, and a non-tensor DCP entry is refused. Checkpoints written before this format (pickled
-`train_state-rank*.pt`) load only with `checkpoint.trust_pickle=true`.
+schedule) are not saved at all — a resume takes them from its config — so DCP holds only tensors and the
+rest is JSON; train/safe_load.py reads DCP's files without unpickling anything but DCP's own metadata
+classes. Checkpoints written before this format (pickled `train_state-rank*.pt`) are read the same safe way.
 
 Order: the marker carries a save sequence number. "Newest" means the latest save, not the highest step,
 so after a rollback (resume from an earlier step) the new branch's saves are the ones kept and resumed.
@@ -29,17 +28,13 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import contextlib
 import errno
 import hashlib
 import json
 import os
-import pickle
 import random
 import re
 import shutil
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,40 +42,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from data.shards import fsync_dir
 from models.config import ConfigError
+from train.safe_load import (
+    METADATA,
+    CheckpointError,
+    CorruptCheckpoint,
+    load_dcp_tensors,
+    quiet_dcp,
+    read_legacy_train_state,
+)
 
 COMPLETE = "COMPLETE"
-METADATA = ".metadata"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _MARKER_LINE = re.compile(r"^(step|save|ranks) (\d+)$")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be saved or loaded; the message names the file and is shown as one line."""
-
-
-class CorruptCheckpoint(CheckpointError):
-    """A file whose bytes do not match the checksum written with it (or that is missing)."""
-
-
-class UntrustedCheckpoint(CheckpointError):
-    """A file that would have to be unpickled with arbitrary classes (an older format, or a planted file)."""
-
-
-@contextlib.contextmanager
-def quiet_dcp() -> Iterator[None]:
-    """DCP warns at every call that it runs without a process group; in one process that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-        yield
 
 
 def _rank() -> int:
@@ -211,8 +189,7 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     return _explicit(resume)
 
 
-def find_resume(resume: str, out_dir: str | Path, *, trust_pickle: bool = False,
-                notify: Any = print) -> Path | None:
+def find_resume(resume: str, out_dir: str | Path, *, notify: Any = print) -> Path | None:
     """The checkpoint to resume from, with its checksums verified on every rank. With `auto`, a corrupt
     newest checkpoint is reported through `notify` and the previous one is tried; an explicit path that
     fails verification raises."""
@@ -220,12 +197,12 @@ def find_resume(resume: str, out_dir: str | Path, *, trust_pickle: bool = False,
         return None
     if resume != "auto":
         path = _explicit(resume)
-        verify_checkpoint(path, trust_pickle=trust_pickle)
+        verify_checkpoint(path)
         return path
     candidates = [p for _, p in reversed(list_checkpoints(out_dir))]
     for i, path in enumerate(candidates):
         try:
-            verify_checkpoint(path, trust_pickle=trust_pickle)
+            verify_checkpoint(path)
             return path
         except CorruptCheckpoint as e:
             nxt = f"falling back to {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint left"
@@ -273,19 +250,11 @@ def is_legacy(ckpt: Path) -> bool:
     return not (ckpt / _checksum_file(0)).exists() and (ckpt / "train_state-rank0.pt").exists()
 
 
-def _legacy_refusal(ckpt: Path) -> UntrustedCheckpoint:
-    return UntrustedCheckpoint(
-        f"{ckpt}: written by an older Chogori whose train_state-rank*.pt and DCP entries are pickles, which can "
-        "run code when loaded; if you trust this checkpoint, set checkpoint.trust_pickle=true (docs/launch.md)")
-
-
-def verify_checkpoint(ckpt: Path, *, trust_pickle: bool = False) -> None:
+def verify_checkpoint(ckpt: Path) -> None:
     """Check every file against its checksum, the work spread over the ranks (rank r verifies the files saved
     by ranks r, r + world, ...); every rank raises the same `CorruptCheckpoint` naming the first bad file."""
     if is_legacy(ckpt):
-        if not trust_pickle:
-            raise _legacy_refusal(ckpt)
-        return  # nothing to verify against
+        return  # written before checksums: nothing to verify against (it is still read safely)
     rank, world = _rank(), _world()
     error = None
     try:
@@ -309,120 +278,11 @@ def verify_checkpoint(ckpt: Path, *, trust_pickle: bool = False) -> None:
 
 
 # --- reading DCP without running code ------------------------------------------------------------------
-_DCP_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout")} | {
-    (module, cls) for module in ("pathlib", "pathlib._local")
-    for cls in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what DCP's `.metadata` holds (its dataclasses, torch.Size, dtypes, layouts, paths)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _DCP_METADATA_CLASSES or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of DCP's metadata)")
-
-
-def read_dcp_metadata(path: Path) -> Metadata:
-    """DCP's `.metadata` at `path`, unpickled with the restricted unpickler; anything else is refused."""
-    try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    except Exception as e:  # noqa: BLE001 - whatever a crafted or damaged pickle raises, name the file
-        raise UntrustedCheckpoint(f"{path}: not a DCP metadata file ({type(e).__name__}: {e})") from None
-    if not isinstance(metadata, Metadata):
-        raise UntrustedCheckpoint(f"{path}: not a DCP metadata file (holds a {type(metadata).__name__})")
-    return metadata
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with `.metadata` read by `read_dcp_metadata` (DCP itself uses plain pickle.load).
-    Tensors are read by DCP with `torch.load(weights_only=True)`; before that, each entry this rank reads is
-    checked to start like what DCP writes there (a torch.save zip archive), so a substituted file is refused
-    by name rather than failing somewhere inside DCP."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_dcp_metadata(Path(self.path) / METADATA)
-        if metadata.storage_meta is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    def read_data(self, plan: Any, planner: Any) -> Any:
-        by_file: dict[str, list[int]] = {}
-        for item in plan.items:
-            info = self.storage_data[item.storage_index]
-            if not info.transform_descriptors:  # a transformed (e.g. compressed) entry has no fixed header
-                by_file.setdefault(info.relative_path, []).append(info.offset)
-        for name, offsets in by_file.items():
-            path = Path(self.path) / name
-            try:
-                with open(path, "rb") as f:
-                    for offset in sorted(offsets):
-                        f.seek(offset)
-                        head = f.read(len(_ZIP_MAGIC))
-                        if len(head) < len(_ZIP_MAGIC):
-                            raise CorruptCheckpoint(f"{path}: truncated (DCP's metadata expects data at byte {offset})")
-                        if head != _ZIP_MAGIC:
-                            raise UntrustedCheckpoint(f"{path}: not DCP tensor data (at byte {offset})")
-            except OSError as e:
-                raise CorruptCheckpoint(f"{path}: unreadable ({e.strerror})") from None
-        return super().read_data(plan, planner)
-
-
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format, which DCP uses for every tensor entry
-
-
-class TensorOnlyLoadPlanner(DefaultLoadPlanner):
-    """Refuses DCP's non-tensor entries, which DCP would `torch.load(weights_only=False)`."""
-
-    def load_bytes(self, read_item: Any, value: Any) -> None:
-        raise UntrustedCheckpoint(f"the checkpoint stores '{read_item.dest_index.fqn}' as a pickled object, not a "
-                                  "tensor; Chogori checkpoints hold only tensors, so it is refused")
-
-
-def _dcp_failure(path: Path, e: BaseException) -> CheckpointError:
-    """DCP wraps per-rank failures in CheckpointException (a BaseException); surface the first cause."""
-    causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
-    cause = causes[0] if causes else e
-    if isinstance(cause, CheckpointError):  # already names its file
-        return cause
-    detail = (str(cause).strip().splitlines() or [""])[0]
-    return CheckpointError(f"{path}: reading failed ({type(cause).__name__}{': ' + detail if detail else ''})")
-
-
-def load_dcp_tensors(ckpt: Path, state: dict[str, Any], *, trust_pickle: bool = False, **kwargs: Any) -> None:
-    """`dcp.load` of the tensors in `state` (in place) from `ckpt`, safely unless `trust_pickle` is set."""
-    if trust_pickle:
-        reader, planner = FileSystemReader(str(ckpt)), DefaultLoadPlanner()
-    else:
-        reader, planner = SafeFileSystemReader(str(ckpt)), TensorOnlyLoadPlanner()
-    try:
-        with quiet_dcp():
-            dcp.load(state, storage_reader=reader, planner=planner, **kwargs)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001
-        if isinstance(e, CheckpointError):
-            raise
-        raise _dcp_failure(ckpt, e) from e
-
-
-def read_train_state(ckpt: Path, *, trust_pickle: bool = False) -> dict[str, Any]:
+def read_train_state(ckpt: Path) -> dict[str, Any]:
     """This rank's train state (rank 0's when resuming on more ranks than saved: only its RNG differs)."""
     if is_legacy(ckpt):
-        if not trust_pickle:
-            raise _legacy_refusal(ckpt)
         rank_file = ckpt / f"train_state-rank{_rank()}.pt"
-        state = torch.load(rank_file if rank_file.exists() else ckpt / "train_state-rank0.pt", weights_only=False)
-        state["step"] = int(state["step"])
-        return state
+        return read_legacy_train_state(rank_file if rank_file.exists() else ckpt / "train_state-rank0.pt")
     rank_file = ckpt / _train_state_file(_rank())
     state = _read_json(rank_file if rank_file.exists() else ckpt / _train_state_file(0))
     if not isinstance(state, dict) or "step" not in state:
@@ -619,28 +479,18 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                    trust_pickle: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the model's and the optimizer's tensors in place and return this rank's train state (RNG
     already restored). The optimizer's param groups (lr, weight decay, betas, ...) stay as the caller built
     them from its config. Verify the files first (`verify_checkpoint`, or `find_resume`)."""
     path = Path(path)
-    legacy = is_legacy(path)
-    if legacy and not trust_pickle:
-        raise _legacy_refusal(path)
     tensors, optim_sd = _tensor_state(model, optimizer)
-    load_dcp_tensors(path, tensors, trust_pickle=legacy)
+    load_dcp_tensors(path, tensors)
     with quiet_dcp():
         set_state_dict(model, optimizer, model_state_dict=tensors["model"],
                        optim_state_dict={**optim_sd, "state": tensors["optim"]["state"]})
-    train_state = read_train_state(path, trust_pickle=trust_pickle)
+    train_state = read_train_state(path)
     set_rng_state(train_state.pop("rng"))
     return train_state
 
 
-def checkpoint_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Global shape of every tensor in a checkpoint, from its metadata (read safely)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    md = read_dcp_metadata(path / METADATA)
-    return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}

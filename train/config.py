@@ -97,7 +97,6 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir) | none | a checkpoint path
     save_final: bool = True
     async_save: bool = False  # write in the background (state staged in CPU memory) while training goes on
-    trust_pickle: bool = False  # load a pre-0.2 checkpoint whose files are pickles (they can run code): trusted only
 
 
 @dataclass

@@ -18,8 +18,8 @@ import yaml
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from models.config import ConfigError
-from train.checkpoint import checkpoint_tensor_shapes
 from train.config import ExperimentConfig
+from train.safe_load import checkpoint_tensor_shapes
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -123,14 +123,13 @@ class Trainer:
         self.nonfinite_steps = 0  # skipped updates
         self.spikes = SpikeDetector(**dataclasses.asdict(cfg.logging.spike))
         self._notes: list[str] = []  # start-up messages, shown once the metrics logger exists
-        trust = cfg.checkpoint.trust_pickle
-        resume = find_resume(cfg.checkpoint.resume, self.out_dir, trust_pickle=trust, notify=self._notes.append)
+        resume = find_resume(cfg.checkpoint.resume, self.out_dir, notify=self._notes.append)
         if resume is not None:
             # Config first (refuses what cannot continue, lists what changed), then state only: the model's and
             # optimizer's tensors, data position, counters, RNG. Hyperparameters stay this config's.
-            self._notes += check_resume(resume, cfg, self.model, read_train_state(resume, trust_pickle=trust),
+            self._notes += check_resume(resume, cfg, self.model, read_train_state(resume),
                                         self.tokenizer.fingerprint)
-            state = load_checkpoint(resume, self.model, self.optimizer, trust_pickle=trust)
+            state = load_checkpoint(resume, self.model, self.optimizer)
             self.train_loader.load_state_dict(state["data"])
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.nonfinite_steps = state.get("nonfinite_steps", 0)
