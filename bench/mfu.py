@@ -72,7 +72,7 @@ def measure(config: str, overrides: list[str], routing: str, steps: int, warmup:
         "achieved_tflops": fpt * tps / 1e12,
         "imbalance": max(loads) if loads else 1.0,
         "device": trainer.device,
-        "dtype": trainer.amp_dtype or torch.float32,
+        "dtype": trainer.compute_dtype or torch.float32,
         "params": trainer.model.num_params(),
         "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
     }

@@ -48,7 +48,7 @@ def main() -> None:
     print(f"device {trainer.device} ({device}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}")
     print(f"model {trainer.model.num_params() / 1e6:.2f}M params, {cfg.train.global_batch_size} x "
-          f"{cfg.data.seq_len} tokens/step, dtype {trainer.amp_dtype or torch.float32}")
+          f"{cfg.data.seq_len} tokens/step, dtype {trainer.compute_dtype or torch.float32}")
     print()
     print("| metric | median | p10 | p90 |")
     print("|---|---|---|---|")

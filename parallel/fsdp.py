@@ -123,6 +123,9 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype
                reduce_dtype: torch.dtype | None = torch.float32) -> None:
     """Shard each block, then the root (embeddings, final norm, LM head), over the flattened "dp" mesh.
 
+    Mixed precision is FSDP2's: parameters are stored (and the optimizer steps) in fp32, gathered for compute in
+    `param_dtype`, gradients reduced in `reduce_dtype`; the router keeps fp32 under any policy.
+
     Routed experts are sharded separately over "dp_mod_ep" (they are already split over "ep"). Their
     gradient is the sum over the EP group's tokens, so FSDP must divide it by the whole data-parallel
     size, not by the size of its own mesh, for every parameter to get the gradient of the global mean loss.
@@ -130,8 +133,14 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype
     dp_mesh = mesh["dp"]
     ep = mesh["ep"].size()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # The router scores in fp32 (DeepSeek-V3): a bf16 copy of its weight flips near-tied top-k choices. So under
+    # a low-precision policy the router is its own FSDP unit whose parameters are gathered in fp32.
+    router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    low_precision = param_dtype is not None and param_dtype != torch.float32
     for block in model.layers.values():
         inner = getattr(block, "_checkpoint_wrapped_module", block)
+        if isinstance(inner.mlp, MoE) and low_precision:
+            fully_shard(inner.mlp.gate, mesh=dp_mesh, mp_policy=router_mp)
         if isinstance(inner.mlp, MoE) and ep > 1:
             experts = inner.mlp.experts
             dp_mod_ep = mesh["dp_mod_ep"]

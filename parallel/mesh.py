@@ -77,15 +77,25 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     return mesh
 
 
-def init_distributed(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; (rank, world). One process: (0, 1).
+def init_distributed(device: torch.device, timeout_minutes: int = 30,
+                     one_process_group: bool = False) -> tuple[int, int, bool]:
+    """Join the process group torchrun describes in the environment: (rank, world, created), `created` saying
+    whether this call made the default group (the caller then destroys it when done).
+
+    One process gets (0, 1) and no group, unless `one_process_group`: then a one-rank group over an in-process
+    store, so that FSDP2 (and its mixed-precision policy) applies to a single process exactly as to many.
     `timeout_minutes` (`parallel.timeout_minutes`): how long a collective waits for a hung or dead peer."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
     if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    return dist.get_rank(), dist.get_world_size()
+        if not one_process_group:
+            return 0, 1, False
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(minutes=timeout_minutes))
+        return 0, 1, True
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), True

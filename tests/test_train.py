@@ -166,7 +166,7 @@ def test_bf16_autocast_step_runs(tmp_path: Path, cache_dir: str) -> None:
         "train.steps": 1, "train.dtype": "bf16", "checkpoint.save_final": False, "optim.warmup_steps": 0}))
     trainer = Trainer(cfg)
     rec = trainer.train_step()
-    assert trainer.amp_dtype == torch.bfloat16
+    assert trainer.compute_dtype == torch.bfloat16
     assert 4.0 < rec["loss"] < 8.0 and rec["grad_norm"] > 0
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
 

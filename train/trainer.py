@@ -8,7 +8,6 @@ and resuming from a checkpoint continues the exact trajectory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -51,8 +50,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; fp32 on CPU (CPU bf16 matmuls are slow and tests want fp32)."""
+def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The low-precision compute dtype of `train.dtype`, or None for fp32: `auto` is bf16 on CUDA, fp32 on CPU
+    (CPU bf16 matmuls are slow, and tests want fp32)."""
     if name == "fp32":
         return None
     if name == "bf16":
@@ -60,13 +60,15 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
-def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | None = None) -> Transformer:
+def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | None = None,
+                param_dtype: torch.dtype | None = None) -> Transformer:
     """Construct on the meta device (no memory), apply parallelism from outside, materialize on `device`
-    and initialise: the weights depend only on the seed, not on the number of ranks or the layout."""
+    and initialise: the weights depend only on the seed, not on the number of ranks or the layout.
+    `param_dtype`: FSDP2's compute dtype for the weights (they stay fp32 in storage); needs a mesh."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                compile=cfg.train.compile)
+                param_dtype=param_dtype, compile=cfg.train.compile)
     model.to_empty(device=device)
     model.init_weights(seed=cfg.train.seed)
     return model
@@ -97,17 +99,21 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.device = pick_device(t.device)
         # Under torchrun every rank runs this same code; one process is the world-size-1 case of it.
-        self.rank, self.world = init_distributed(self.device, cfg.parallel.timeout_minutes)
+        # Mixed precision is FSDP2's policy (bf16 compute, fp32 master weights, fp32 gradient reduction), also in
+        # one process: it then gets a one-rank group and mesh, and runs the same code as every rank of a cluster.
+        self.compute_dtype = compute_dtype(t.dtype, self.device)
+        self.rank, self.world, self._owns_group = init_distributed(
+            self.device, cfg.parallel.timeout_minutes, one_process_group=self.compute_dtype is not None)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dims = validate_layout(cfg, self.world)
-        self.mesh = build_mesh(self.dims, self.device.type) if self.world > 1 else None
-        self.amp_dtype = autocast_dtype(t.dtype, self.device)
+        use_fsdp = self.world > 1 or self.compute_dtype is not None
+        self.mesh = build_mesh(self.dims, self.device.type) if use_fsdp else None
         torch.manual_seed(t.seed)
 
         self.accum_steps = t.global_batch_size // self.world // t.micro_batch_size
 
-        self.model = build_model(cfg, self.device, self.mesh)
+        self.model = build_model(cfg, self.device, self.mesh, param_dtype=self.compute_dtype)
         self.optimizer = build_optimizer(self.model, dataclasses.asdict(cfg.optim))
         _, self._qk_clip = register_post_step_hooks(self.optimizer, self.model, cfg.optim.qk_clip_tau)
         # Statistics are reduced over the ranks that see different tokens for the same weights: every
@@ -152,19 +158,13 @@ class Trainer:
             self._sample_log = open(log_dir / f"rank{self.rank}.txt", "a", encoding="utf-8")  # noqa: SIM115
 
     # --- one optimizer step ---------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = inputs.to(self.device, non_blocking=True)
         extra = {}
         if self.cfg.data.document_masking:  # packed documents do not attend to each other
             extra = dict(zip(("positions", "document_ids"), document_positions(inputs, self.tokenizer.eos_id),
                              strict=True))
-        with self._autocast():
-            out = self.model(inputs, **extra)
+        out = self.model(inputs, **extra)  # in the compute dtype of FSDP2's policy; the router in fp32
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.to(self.device).flatten())
         return lm, out.balance_loss
 
@@ -185,7 +185,10 @@ class Trainer:
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         mb = cfg.train.micro_batch_size
+        sync_each = cfg.parallel.grad_sync == "micro_batch"
         for i in range(self.accum_steps):
+            if self.mesh is not None:  # FSDP2: reduce-scatter after the last micro-batch only (unless asked for each)
+                model.set_requires_gradient_sync(sync_each or i == self.accum_steps - 1)
             lm, aux = self._loss(inputs[i * mb:(i + 1) * mb], targets[i * mb:(i + 1) * mb])
             ((lm + aux) / self.accum_steps).backward()
             lm_sum += lm.detach()
@@ -330,7 +333,7 @@ class Trainer:
         self.metrics.event(
             f"chogori: {m.num_params() / 1e6:.2f}M parameters, {cfg.model.num_hidden_layers} layers "
             f"({cfg.model.num_moe_layers} MoE x {cfg.model.n_routed_experts} experts), device {self.device}, "
-            f"dtype {self.amp_dtype or torch.float32}, {t.global_batch_size} x {cfg.data.seq_len} tokens/step "
+            f"dtype {self.compute_dtype or torch.float32}, {t.global_batch_size} x {cfg.data.seq_len} tokens/step "
             f"({self.accum_steps} micro-batch(es)), run dir {self.out_dir}")
         self.metrics.event(describe_groups(split_params(m)))
         for note in self._notes:
@@ -379,8 +382,9 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group (torchrun ranks; a no-op in one process) and the signal handlers."""
         stop_signals.restore()
-        if self.world > 1 and torch.distributed.is_initialized():
+        if self._owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            self._owns_group = False
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
