@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.config import load_config
 from train.trainer import Trainer
@@ -120,6 +121,48 @@ def test_fsdp_and_expert_parallel_steps_keep_the_two_syncs(tmp_path: Path, cache
             assert dispatch <= budget, (dispatch, budget)
             if ep > 1:
                 assert dispatch > 0
+
+
+class CollectiveCount(TorchDispatchMode):
+    """Counts the collectives issued through the dispatcher (c10d ops: what FSDP2 and DTensor call), by op name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _grad_sync_worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
+    with reporting_rank(rank, world, port, out) as report:
+        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+        for mode in ("step", "micro_batch"):
+            trainer = Trainer(config(Path(out) / mode, cache, **{"parallel.ep": 2, "train.micro_batch_size": 2,
+                                                                 "parallel.grad_sync": mode}))
+            losses, counts = [], []
+            for _ in range(3):
+                with CollectiveCount() as comm:
+                    losses.append(trainer.train_step()["loss"])
+                counts.append({op: n for op, n in comm.counts.items() if "reduce_scatter" in op})
+            report[mode] = {"losses": losses, "reduce_scatters": counts, "micro_batches": trainer.accum_steps}
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_reduce_scatters_once_per_step(tmp_path: Path, cache_dir: str) -> None:
+    """FSDP2 reduce-scatters the gradients after the last micro-batch only (`parallel.grad_sync: step`), not after
+    each (`micro_batch`): a third of the collectives here, and the same losses."""
+    reports = run_reporting_ranks(functools.partial(_grad_sync_worker, cache=cache_dir), 2, tmp_path)
+    for report in reports.values():
+        once, each = report["step"], report["micro_batch"]
+        assert once["micro_batches"] == each["micro_batches"] == 2
+        per_step_once = [sum(c.values()) for c in once["reduce_scatters"]]
+        per_step_each = [sum(c.values()) for c in each["reduce_scatters"]]
+        assert min(per_step_once) > 0 and len(set(per_step_once)) == 1, per_step_once
+        assert per_step_each == [2 * n for n in per_step_once], (per_step_each, per_step_once)
+        assert once["losses"] == pytest.approx(each["losses"], rel=1e-6)
 
 
 def test_statistics_are_counted_once_per_forward_under_any_recompute(tmp_path: Path, cache_dir: str) -> None:

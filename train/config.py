@@ -70,6 +70,9 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel degree (borrowed from the data-parallel ranks)
     activation_checkpointing: str = "none"  # none | selective | full
     timeout_minutes: int = 30  # how long a collective may wait (a hung or dead peer) before the process group fails
+    # When FSDP2 reduce-scatters gradients: once per optimizer `step` (the micro-batches accumulate unsharded fp32
+    # gradients in between: one collective, more memory) or after every `micro_batch` (gradients stay sharded).
+    grad_sync: str = "step"
 
 
 @dataclass
@@ -80,7 +83,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/default"  # the run directory: metrics, checkpoints, resolved config
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | bf16 (FSDP2 policy: bf16 compute, fp32 master) | fp32
     compile: bool = False  # torch.compile each transformer block (regional compilation)
     log_interval: int = 1
     eval_interval: int = 100  # steps between validation passes; 0 = never
@@ -299,6 +302,7 @@ def validate(cfg: ExperimentConfig) -> None:
         value = getattr(cfg.parallel, key)
         need(value == -1 or value >= 1, f"parallel.{key}", f"must be -1 (the rest of the world) or >= 1, got {value}")
     one_of("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, ("none", "selective", "full"))
+    one_of("parallel.grad_sync", cfg.parallel.grad_sync, ("step", "micro_batch"))
     at_least("parallel.timeout_minutes", cfg.parallel.timeout_minutes, 1)
     # checkpoint
     at_least("checkpoint.interval", cfg.checkpoint.interval, 0, " (0 = only at the end)")
