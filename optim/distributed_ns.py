@@ -1,46 +1,80 @@
-"""Orthogonalize sharded matrices so that each one is orthogonalized by exactly one rank.
+"""Orthogonalize sharded updates so that each matrix is orthogonalized once, by one owner rank, without
+gathering whole tensors anywhere.
 
-Muon needs the whole matrix for Newton–Schulz, but FSDP2 holds each rank's row slice of it. The naive
-scheme (every rank all-gathers and orthogonalizes every matrix) repeats the NS work world-size times and
-receives every matrix on every rank. Here each matrix gets one *owner* rank (owners balanced by NS FLOPs,
-greedily, the same on every rank): the shards are gathered to the owner, the owner orthogonalizes, and the
-result is scattered back as shards. Routed-expert stacks whose shards hold whole experts (sharded only on
-the expert dim) are orthogonalized where they are, batched, with no communication at all.
+Muon needs the whole matrix for Newton–Schulz, but FSDP2 (and expert parallelism) hold each rank's piece of
+it. Every Muon update is a DTensor ``[*lead, n, m]``: a matrix, or a stack of ``prod(lead)`` independent
+matrices (routed experts ``[E, out, in]``). Its placements say, per mesh dim, which tensor dim that mesh dim
+shards; we sort the mesh dims into three kinds:
 
-The communication is plain `dist.gather` / `dist.scatter` on the mesh's process group, per matrix, in the
-same order on every rank.
+* **batch** mesh dims shard a leading dim (EP's ``Shard(0)`` over "ep"; FSDP's ``Shard(0)`` /
+  ``_StridedShard(0)`` over "dp_mod_ep" when every rank has whole experts): they decide *which* matrices a
+  rank holds pieces of;
+* **matrix** mesh dims shard the rows or columns (dense FSDP's ``Shard(0)`` over "dp"; expert-FSDP's
+  ``Shard(1)`` over "dp_mod_ep" when there are fewer local experts than ranks): the pieces of one matrix lie
+  on the ranks that differ only in these coordinates — the matrix's **group** (for a row-sharded expert
+  stack: the dp_mod_ep sub-group of this ep coordinate; for a dense matrix: all of "dp");
+* anything else is ``Replicate``: each replica group does its own copy of the work (no layout Chogori builds
+  has one). ``Partial`` is refused.
+
+**Owners.** :func:`plan_ownership` is a pure function of the layouts (shapes, mesh ranks, placements; no
+process group) that gives every matrix one owner inside its group. Matrices whose group is a single rank
+(locally whole experts) are that rank's; the others are assigned greedily, largest NS cost first, each to
+the member of its group with the least NS FLOPs so far, counting across groups (a rank's dense and expert
+work share one load). Ties go to the lower global rank, so every rank computes the same plan; it is cached
+per layout list. A simulator calls the same function for a world of any size.
+
+**Communication.** Two phases, each one ``all_to_all_single`` (uneven splits, element counts known from the
+plan on both sides, so nothing else is exchanged) per *key* — (mesh, matrix mesh dims, dtype) — whatever the
+number of matrices. The process group of a key is the mesh's group along its single matrix mesh dim
+(several matrix mesh dims, which no layout here produces: the world group, zero splits to non-members).
+
+1. *assemble*: every rank sends each piece it holds of a matrix it does not own to that matrix's owner (its
+   rows / columns of the matrix, flattened, in plan order); an owner receives exactly "what it owns minus
+   what it already holds", with no padding.
+2. every owner places the pieces into its matrices (one ``[k, n, m]`` buffer per stack, one ``[n, m]`` per
+   plain matrix, so NS runs with the same batched / unbatched kernels as in one process) and orthogonalizes
+   them.
+3. *return*: every owner sends each other group member the rows / columns of the result that member holds;
+   a rank receives exactly its pieces of the matrices it holds but does not own.
+
+Tensors whose matrices are all whole on every rank (group of one rank) skip both phases: NS runs on the
+local shard as it is. Plain tensors (one process, or replicated) are orthogonalized locally. No path calls
+``full_tensor()``. The send buffers of phase 1 are a packed copy of this rank's shards of the call's updates
+(phase 3's, of its owned results): memory of the order of the local update shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Shard
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
+
+from optim.newton_schulz import NS_STEPS
 
 NSFn = Callable[[torch.Tensor], torch.Tensor]
+Runs = tuple[tuple[int, int], ...]
+"""Global indices of one tensor dim a shard holds, in the shard's order: half-open ``(start, stop)`` runs."""
 
 
-def ns_flops(shape: torch.Size | tuple[int, ...], steps: int = 5) -> int:
+def ns_flops(shape: torch.Size | tuple[int, ...], steps: int = NS_STEPS) -> int:
     """FLOPs of quintic Newton–Schulz on a [..., n, m] stack (n <= m after transposition): per step
     X Xᵀ (2 n² m), A·A (2 n³) and B·X (2 n² m)."""
     *batch, n, m = shape
     n, m = min(n, m), max(n, m)
-    count = 1
-    for b in batch:
-        count *= b
-    return count * steps * (4 * n * n * m + 2 * n**3)
-
-
-def _locally_whole(t: DTensor) -> bool:
-    """True when every local shard holds whole matrices: a [E, n, m] stack sharded only on dim 0."""
-    return t.dim() == 3 and all(not isinstance(p, Shard) or p.dim == 0 for p in t.placements)
+    return math.prod(batch) * steps * (4 * n * n * m + 2 * n**3)
 
 
 def assign_owners(shapes: list[tuple[int, ...]], world: int) -> list[int]:
-    """Greedy longest-processing-time assignment of matrices to ranks by NS FLOPs (deterministic)."""
+    """Greedy longest-processing-time assignment of matrices to ranks ``0..world-1`` by NS FLOPs
+    (deterministic): the one-group special case of :func:`plan_ownership`."""
     load = [0] * world
     owners = [0] * len(shapes)
     for i in sorted(range(len(shapes)), key=lambda i: (-ns_flops(shapes[i]), i)):
@@ -50,115 +84,506 @@ def assign_owners(shapes: list[tuple[int, ...]], world: int) -> list[int]:
     return owners
 
 
+def _rows_of(rows: int, world: int, rank: int) -> int:
+    """Rows FSDP2 / torch.chunk give `rank` when `rows` are split over `world` (ceil-sized chunks)."""
+    chunk = -(-rows // world)
+    return max(0, min(chunk, rows - rank * chunk))
+
+
+# --- where the pieces are ----------------------------------------------------------------------------------
+
+
+def _length(runs: Runs) -> int:
+    return sum(b - a for a, b in runs)
+
+
+def _take(runs: Runs, lo: int, hi: int) -> Runs:
+    """Positions [lo, hi) of the index sequence `runs` describes."""
+    out, pos = [], 0
+    for a, b in runs:
+        s, e = max(lo, pos), min(hi, pos + b - a)
+        if s < e:
+            out.append((a + s - pos, a + e - pos))
+        pos += b - a
+    return tuple(out)
+
+
+def _chunk(runs: Runs, n: int, k: int) -> Runs:
+    """Chunk `k` of `n` as torch.chunk / DTensor's Shard cut it (ceil-sized, trailing chunks short or empty)."""
+    size = -(-_length(runs) // n)
+    return _take(runs, k * size, (k + 1) * size)
+
+
+def _merge(runs: Runs) -> Runs:
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        if a == b:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+def _shard_dim(p: Placement, ndim: int) -> int | None:
+    """The tensor dim `p` shards (normalized), or None for Replicate."""
+    if isinstance(p, (Shard, _StridedShard)):
+        return p.dim % ndim
+    if isinstance(p, Partial):
+        raise ValueError("distributed NS: an update with a Partial placement (unreduced gradient) cannot be "
+                         "orthogonalized; reduce it first")
+    return None
+
+
+def dim_runs(size: int, dim: int, ndim: int, mesh_shape: Sequence[int], placements: Sequence[Placement],
+             coord: Sequence[int]) -> Runs:
+    """Global indices of tensor dim `dim` (of `size`) held at mesh coordinate `coord`, in local order, by
+    DTensor's left-to-right rule (``_StridedShard(d, sf)``: split into `sf` pieces, chunk each, concatenate
+    this coordinate's chunks — FSDP2's sharding on top of an earlier EP split)."""
+    runs: Runs = ((0, size),)
+    for i, p in enumerate(placements):
+        if _shard_dim(p, ndim) != dim:
+            continue
+        if isinstance(p, _StridedShard):
+            sf = int(p.split_factor)
+            runs = tuple(r for j in range(sf) for r in _chunk(_chunk(runs, sf, j), mesh_shape[i], coord[i]))
+        else:
+            runs = _chunk(runs, mesh_shape[i], coord[i])
+    return _merge(runs)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one update is laid out: its global shape, the mesh (global ranks, row-major, and its shape), its
+    placements and element size. Hashable; no process group needed (see :func:`layout_of`)."""
+
+    shape: tuple[int, ...]
+    mesh: tuple[int, ...]
+    mesh_shape: tuple[int, ...]
+    placements: tuple[Placement, ...]
+    itemsize: int = 4
+
+
+def layout_of(t: DTensor) -> Layout:
+    mesh = t.device_mesh
+    return Layout(tuple(t.shape), tuple(int(r) for r in mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
+                  tuple(t.placements), t.element_size())
+
+
+@dataclass(frozen=True)
+class MatrixOwnership:
+    """One matrix of the plan."""
+
+    tensor: int  # position of its update in the layouts
+    index: int  # which matrix of that update: row-major index over its leading (expert) dims
+    group: tuple[int, ...]  # global ranks its pieces are split over, in group-rank order
+    owner: int  # owner's position in `group` (its group-relative rank when the group is a process group)
+    owner_rank: int  # owner's global rank
+    flops: int  # NS FLOPs
+    numel: int  # elements of the matrix
+
+
+@dataclass
+class RankLoad:
+    """What one rank does for NS in one call (from the plan)."""
+
+    flops: int = 0  # NS FLOPs of the matrices it owns
+    matrices: int = 0  # matrices it owns
+    gather_bytes: int = 0  # received to assemble its matrices: what it owns minus what it already holds
+    return_bytes: int = 0  # received back: its pieces of matrices others own
+    held_bytes: int = 0  # bytes of update shards it holds (for comparison)
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    matrix_dims: tuple[int, ...]  # mesh dims sharding rows / columns
+    batch_dims: tuple[int, ...]  # mesh dims sharding leading dims
+    pieces: tuple[tuple[Runs, Runs], ...]  # (row runs, col runs) per group position (row-major over matrix_dims)
+    piece_numel: tuple[int, ...]
+    held: dict[int, tuple[int, ...]]  # global rank -> matrices it holds pieces of, in its local order
+    group_of: dict[int, tuple[int, ...]]  # global rank -> its group (the same tuple object for all members)
+
+
+@dataclass
+class OwnershipPlan:
+    """Owners of every matrix of one ``orthogonalize`` call (:func:`plan_ownership`)."""
+
+    layouts: tuple[Layout, ...]
+    steps: int
+    matrices: list[MatrixOwnership]
+    infos: list[_TensorInfo] = field(repr=False)
+    _owner: dict[tuple[int, int, tuple[int, ...]], int] = field(repr=False, default_factory=dict)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(m.flops for m in self.matrices)
+
+    def owner_of(self, tensor: int, index: int, group: tuple[int, ...]) -> int:
+        """Global rank owning matrix `index` of update `tensor` in `group`."""
+        return self._owner[(tensor, index, group)]
+
+    def per_rank(self) -> dict[int, RankLoad]:
+        """NS FLOPs, owned matrices and bytes received (assembling and returned) per global rank."""
+        loads: dict[int, RankLoad] = {}
+        for lay, info in zip(self.layouts, self.infos, strict=True):
+            for r, held in info.held.items():
+                pos = info.group_of[r].index(r)
+                loads.setdefault(r, RankLoad()).held_bytes += len(held) * info.piece_numel[pos] * lay.itemsize
+        for m in self.matrices:
+            info, size = self.infos[m.tensor], self.layouts[m.tensor].itemsize
+            own = loads.setdefault(m.owner_rank, RankLoad())
+            own.flops += m.flops
+            own.matrices += 1
+            own.gather_bytes += (m.numel - info.piece_numel[m.owner]) * size
+            for pos, r in enumerate(m.group):
+                if pos != m.owner:
+                    loads.setdefault(r, RankLoad()).return_bytes += info.piece_numel[pos] * size
+        return loads
+
+
+def _tensor_info(lay: Layout) -> _TensorInfo:
+    ndim = len(lay.shape)
+    if ndim < 2:
+        raise ValueError(f"distributed NS needs matrices, got an update of shape {lay.shape}")
+    kinds = [_shard_dim(p, ndim) for p in lay.placements]
+    matrix_dims = tuple(i for i, d in enumerate(kinds) if d is not None and d >= ndim - 2)
+    batch_dims = tuple(i for i, d in enumerate(kinds) if d is not None and d < ndim - 2)
+    mshape = lay.mesh_shape
+    lead = lay.shape[:-2]
+    strides = [math.prod(lead[d + 1:]) for d in range(len(lead))]
+
+    def coord_of(sub: Sequence[int], dims: tuple[int, ...]) -> list[int]:
+        c = [0] * len(mshape)
+        for i, v in zip(dims, sub, strict=True):
+            c[i] = v
+        return c
+
+    pieces = []
+    for sub in itertools.product(*(range(mshape[i]) for i in matrix_dims)):
+        c = coord_of(sub, matrix_dims)
+        pieces.append(tuple(dim_runs(lay.shape[d], d, ndim, mshape, lay.placements, c) for d in (ndim - 2, ndim - 1)))
+    piece_numel = tuple(_length(r) * _length(c) for r, c in pieces)
+
+    held_by_batch: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for sub in itertools.product(*(range(mshape[i]) for i in batch_dims)):
+        c = coord_of(sub, batch_dims)
+        per_dim = [[i for a, b in dim_runs(lead[d], d, ndim, mshape, lay.placements, c) for i in range(a, b)]
+                   for d in range(len(lead))]
+        held_by_batch[sub] = tuple(sum(g * s for g, s in zip(idx, strides, strict=True))
+                                   for idx in itertools.product(*per_dim))
+
+    held, group_of = {}, {}
+    groups: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for flat, r in enumerate(lay.mesh):
+        coord = _unravel(flat, mshape)
+        rest = tuple(v for i, v in enumerate(coord) if i not in matrix_dims)
+        if rest not in groups:
+            members = []
+            for sub in itertools.product(*(range(mshape[i]) for i in matrix_dims)):
+                cc = list(coord)
+                for i, v in zip(matrix_dims, sub, strict=True):
+                    cc[i] = v
+                members.append(lay.mesh[_ravel(cc, mshape)])
+            groups[rest] = tuple(members)
+        group_of[r] = groups[rest]
+        held[r] = held_by_batch[tuple(coord[i] for i in batch_dims)]
+    return _TensorInfo(matrix_dims, batch_dims, tuple(pieces), piece_numel, held, group_of)
+
+
+def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    out = []
+    for s in reversed(shape):
+        out.append(flat % s)
+        flat //= s
+    return tuple(reversed(out))
+
+
+def _ravel(coord: Sequence[int], shape: Sequence[int]) -> int:
+    flat = 0
+    for c, s in zip(coord, shape, strict=True):
+        flat = flat * s + c
+    return flat
+
+
+def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS) -> OwnershipPlan:
+    """Owner of every matrix of `layouts` (pure: the same on every rank, and callable without a process group).
+
+    Each matrix (one per leading index of each update, per replica group) is owned by one member of the group
+    its pieces are split over. Matrices of one-rank groups are assigned first; the rest go largest NS cost
+    first (ties: update order, then matrix index) to the group member with the least NS FLOPs so far (ties:
+    the lower global rank), loads counted across all groups. Returns an :class:`OwnershipPlan`: ``matrices``
+    (a :class:`MatrixOwnership` each: owner's group position and global rank, FLOPs), ``per_rank()``
+    (FLOPs and bytes per rank), ``total_flops``.
+    """
+    layouts = tuple(layouts)
+    infos = [_tensor_info(lay) for lay in layouts]
+    items = []  # (flops, tensor, index, group)
+    for t, (lay, info) in enumerate(zip(layouts, infos, strict=True)):
+        flops = ns_flops(lay.shape[-2:], steps)
+        seen: set[tuple[int, ...]] = set()
+        for r in lay.mesh:
+            group = info.group_of[r]
+            if group[0] != r or id(group) in seen:  # each group once (its first member lists it)
+                continue
+            seen.add(id(group))
+            for b in sorted(info.held[r]):
+                items.append((flops, t, b, group))
+    load: dict[int, int] = {}
+    owner: dict[tuple[int, int, tuple[int, ...]], int] = {}
+    heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    forced = [it for it in items if len(it[3]) == 1]
+    rest = sorted((it for it in items if len(it[3]) > 1), key=lambda it: (-it[0], it[1], it[2]))
+    for flops, t, b, group in forced:
+        owner[(t, b, group)] = group[0]
+        load[group[0]] = load.get(group[0], 0) + flops
+    for flops, t, b, group in rest:
+        heap = heaps.get(group)
+        if heap is None:
+            heap = heaps[group] = [(load.get(r, 0), r) for r in group]
+            heapq.heapify(heap)
+        while True:  # keys are loads when pushed; a rank loaded since (by another group) goes back in
+            stored, r = heapq.heappop(heap)
+            if stored == load.get(r, 0):
+                break
+            heapq.heappush(heap, (load.get(r, 0), r))
+        owner[(t, b, group)] = r
+        load[r] = stored + flops
+        heapq.heappush(heap, (load[r], r))
+    matrices = []
+    for flops, t, b, group in items:
+        r = owner[(t, b, group)]
+        matrices.append(MatrixOwnership(t, b, group, group.index(r), r, flops, math.prod(layouts[t].shape[-2:])))
+    return OwnershipPlan(layouts, steps, matrices, infos, owner)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_plan(layouts: tuple[Layout, ...], steps: int) -> OwnershipPlan:
+    return plan_ownership(layouts, steps)
+
+
+# --- the optimizer hook --------------------------------------------------------------------------------------
+
+
 @dataclass
 class NSStats:
     """What this rank did in the last call (for tests and benchmarks)."""
 
     local_flops: int = 0  # NS FLOPs this rank spent
     total_flops: int = 0  # NS FLOPs of all matrices (each counted once)
-    bytes_moved: int = 0  # bytes this rank sent + received for gathers and scatters
+    bytes_moved: int = 0  # bytes this rank sent + received
+    bytes_sent: int = 0
+    bytes_received: int = 0  # both phases
+    bytes_received_gather: int = 0  # phase 1 only: to assemble the matrices it owns
+    min_bytes_gather: int = 0  # the least phase 1 can receive: what it owns minus what it already holds
+    collectives: int = 0  # collectives issued
+    largest_ns_input: tuple[int, ...] = ()  # shape of the largest tensor handed to NS
+
+    def reset(self) -> None:
+        for f, v in NSStats().__dict__.items():
+            setattr(self, f, v)
 
 
-def orthogonalize(updates: list[torch.Tensor], ns: NSFn, group: dist.ProcessGroup | None = None,
-                  stats: NSStats | None = None) -> list[torch.Tensor]:
-    """NS-orthogonalize each update (a matrix, or a stack of matrices on the leading dims) and return
-    tensors laid out like the inputs: plain tensors stay plain, DTensors keep their placements.
+def _ns_steps(ns: NSFn) -> int:
+    kw = getattr(ns, "keywords", None)
+    return int(kw["steps"]) if isinstance(kw, dict) and "steps" in kw else NS_STEPS
 
-    Supported shardings: plain tensors (one process, or replicated: orthogonalized locally); DTensors
-    sharded only on dim 0 over a 1-D mesh (FSDP2's default); expert stacks sharded only on the expert dim
-    (locally whole, any mesh). Anything else is gathered with `full_tensor()` as a fallback.
-    """
+
+def _note_input(stats: NSStats, x: torch.Tensor) -> None:
+    if x.numel() > math.prod(stats.largest_ns_input or (0,)):
+        stats.largest_ns_input = tuple(x.shape)
+
+
+def _place(full: torch.Tensor, piece: torch.Tensor, rows: Runs, cols: Runs) -> None:
+    """Write a [len(rows), len(cols)] piece into the whole matrix `full` at its global indices."""
+    r0 = 0
+    for ra, rb in rows:
+        c0 = 0
+        for ca, cb in cols:
+            full[ra:rb, ca:cb] = piece[r0:r0 + rb - ra, c0:c0 + cb - ca]
+            c0 += cb - ca
+        r0 += rb - ra
+
+
+def _extract(full: torch.Tensor, rows: Runs, cols: Runs) -> torch.Tensor:
+    """The [len(rows), len(cols)] piece of `full` at those global indices."""
+    if len(rows) == 1 and len(cols) == 1:
+        (ra, rb), (ca, cb) = rows[0], cols[0]
+        return full[ra:rb, ca:cb]
+    return torch.cat([torch.cat([full[ra:rb, ca:cb] for ca, cb in cols], 1) for ra, rb in rows], 0) \
+        if rows and cols else full.new_empty(_length(rows), _length(cols))
+
+
+def orthogonalize(updates: list[torch.Tensor], ns: NSFn, stats: NSStats | None = None) -> list[torch.Tensor]:
+    """NS-orthogonalize each update (a matrix, or a stack of matrices on the leading dims) and return tensors
+    laid out like the inputs: plain tensors stay plain, DTensors keep their mesh and placements.
+
+    Every rank must call it with the same list of layouts (Muon does: the same parameters, the same order).
+    See the module docstring for the scheme; ``stats`` (reset first) receives this rank's figures."""
     stats = stats if stats is not None else NSStats()
-    stats.local_flops = stats.total_flops = stats.bytes_moved = 0
+    stats.reset()
+    steps = _ns_steps(ns)
     out: list[torch.Tensor | None] = [None] * len(updates)
-
-    sharded: list[int] = []
+    dts = [i for i, u in enumerate(updates) if isinstance(u, DTensor)]
     for i, u in enumerate(updates):
         if not isinstance(u, DTensor):
+            _note_input(stats, u)
             out[i] = ns(u)
-            stats.local_flops += ns_flops(u.shape)
-            stats.total_flops += ns_flops(u.shape)
-        elif _locally_whole(u):
-            local = u.to_local()
-            out[i] = DTensor.from_local(ns(local), u.device_mesh, u.placements, run_check=False, shape=u.shape,
-                                        stride=u.stride())
-            stats.local_flops += ns_flops(local.shape)
-            stats.total_flops += ns_flops(u.shape)
-        elif u.device_mesh.ndim == 1 and list(u.placements) == [Shard(0)]:
-            sharded.append(i)
-        else:  # unusual layout: correct but not communication-efficient
-            full = u.full_tensor()
-            replicated = [Replicate()] * u.device_mesh.ndim
-            out[i] = DTensor.from_local(ns(full), u.device_mesh, replicated, run_check=False).redistribute(
-                u.device_mesh, u.placements)
-            stats.local_flops += ns_flops(u.shape)
-            stats.total_flops += ns_flops(u.shape)
+            stats.local_flops += ns_flops(u.shape, steps)
+            stats.total_flops += ns_flops(u.shape, steps)
+    if not dts:
+        return out  # type: ignore[return-value]
 
-    if sharded:
-        mesh = updates[sharded[0]].device_mesh
-        pg = group or mesh.get_group()
-        owners = assign_owners([tuple(updates[i].shape) for i in sharded], dist.get_world_size(pg))
-        for i, result in zip(sharded, _gather_ns_scatter([updates[i] for i in sharded], owners, ns, pg, stats),
-                             strict=True):
-            out[i] = result
+    us: list[DTensor] = [updates[i] for i in dts]  # type: ignore[misc]
+    plan = _cached_plan(tuple(layout_of(u) for u in us), steps)
+    stats.total_flops += plan.total_flops
+    me = dist.get_rank()
+    locals_ = [u.to_local() for u in us]
+    results: list[torch.Tensor | None] = [None] * len(us)
+
+    # Tensors whose matrices are whole everywhere: NS on the local shard, no communication.
+    keys: dict[tuple, list[int]] = {}  # comm key -> tensors, in call order
+    for t, (u, lay, info) in enumerate(zip(us, plan.layouts, plan.infos, strict=True)):
+        if math.prod(lay.mesh_shape[i] for i in info.matrix_dims) == 1:
+            if locals_[t].numel():
+                _note_input(stats, locals_[t])
+                results[t] = ns(locals_[t])
+                stats.local_flops += ns_flops(locals_[t].shape, steps)
+            else:
+                results[t] = torch.empty_like(locals_[t])
+        else:
+            keys.setdefault((lay.mesh, lay.mesh_shape, info.matrix_dims, u.dtype), []).append(t)
+
+    for tensors in keys.values():
+        _exchange(tensors, us, locals_, results, plan, me, ns, steps, stats)
+
+    for t, (i, u) in enumerate(zip(dts, us, strict=True)):
+        out[i] = DTensor.from_local(results[t], u.device_mesh, u.placements, run_check=False, shape=u.shape,
+                                    stride=u.stride())
+    stats.bytes_moved = stats.bytes_sent + stats.bytes_received
     return out  # type: ignore[return-value]
 
 
-def _gather_ns_scatter(us: list[DTensor], owners: list[int], ns: NSFn, pg: dist.ProcessGroup,
-                       stats: NSStats) -> list[DTensor]:
-    """Gather each dim-0-sharded matrix to its owner, orthogonalize there, scatter the row shards back.
+def _exchange(tensors: list[int], us: list[DTensor], locals_: list[torch.Tensor], results: list[torch.Tensor | None],
+              plan: OwnershipPlan, me: int, ns: NSFn, steps: int, stats: NSStats) -> None:
+    """Phases 1–3 of the module docstring for the updates `tensors` of one key (same mesh, matrix mesh dims and
+    dtype): one all_to_all_single to assemble, NS on the owned matrices, one all_to_all_single back."""
+    first = us[tensors[0]]
+    mesh, mdims = first.device_mesh, plan.infos[tensors[0]].matrix_dims
+    pg = mesh.get_group(mdims[0]) if len(mdims) == 1 else dist.group.WORLD
+    size = dist.get_world_size(pg)
+    pg_rank = functools.partial(dist.get_group_rank, pg)
+    itemsize = first.element_size()
 
-    Three phases so the owners work in parallel: all gathers are started at once, then every rank
-    orthogonalizes the matrices it owns, then all scatters are started. (Gathering, computing and scattering
-    one matrix at a time would make every rank wait for each owner in turn.) FSDP2 shards rows unevenly,
-    so every shard is padded to ceil(rows / world) rows for the fixed-size collectives and trimmed after."""
-    world, me = dist.get_world_size(pg), dist.get_rank(pg)
-    padded, gathered, works = [], [], []
-    for u, owner in zip(us, owners, strict=True):
-        local = u.to_local()
-        chunk = -(-u.shape[0] // world)
-        pad = local.new_zeros((chunk, *u.shape[1:]))
-        pad[: local.shape[0]] = local
-        bucket = [torch.empty_like(pad) for _ in range(world)] if me == owner else None
-        works.append(dist.gather(pad, bucket, dst=dist.get_global_rank(pg, owner), group=pg, async_op=True))
-        padded.append(pad)
-        gathered.append(bucket)
-        nbytes = pad.numel() * pad.element_size()
-        stats.bytes_moved += (2 * (world - 1) * nbytes) if me == owner else 2 * nbytes
-        stats.total_flops += ns_flops(u.shape)
-    for work in works:
-        work.wait()
+    # Phase 1: my pieces of matrices owned elsewhere go to their owners; pieces of mine come from the others.
+    send: list[list[torch.Tensor]] = [[] for _ in range(size)]
+    recv_sizes = [0] * size
+    owned: list[tuple[int, int, tuple[int, ...]]] = []  # (tensor, matrix, group) I own, in plan order
+    held_elsewhere: list[tuple[int, int, int]] = []  # (tensor, local slot, owner) for phase 3, in plan order
+    for t in tensors:
+        info = plan.infos[t]
+        group = info.group_of[me]
+        mypos = group.index(me)
+        local3 = _stack(locals_[t])
+        for slot, b in sorted(enumerate(info.held[me]), key=lambda sb: sb[1]):
+            o = plan.owner_of(t, b, group)
+            if o == me:
+                owned.append((t, b, group))
+                for pos, r in enumerate(group):
+                    if r != me:
+                        recv_sizes[pg_rank(r)] += info.piece_numel[pos]
+                stats.min_bytes_gather += (math.prod(us[t].shape[-2:]) - info.piece_numel[mypos]) * itemsize
+            else:
+                send[pg_rank(o)].append(local3[slot].reshape(-1))
+                held_elsewhere.append((t, slot, o))
+    received = _all_to_all(send, recv_sizes, first, pg, stats)
+    stats.bytes_received_gather += sum(recv_sizes) * itemsize
 
-    pieces: list[list[torch.Tensor] | None] = []
-    for u, owner, bucket in zip(us, owners, gathered, strict=True):
-        if me != owner:
-            pieces.append(None)
-            continue
-        assert bucket is not None
-        rows = u.shape[0]
-        result = ns(torch.cat([g[: _rows_of(rows, world, r)] for r, g in enumerate(bucket)]))
-        mine, start = [], 0
-        for r in range(world):
-            n = _rows_of(rows, world, r)
-            piece = result.new_zeros(bucket[0].shape)
-            piece[:n] = result[start:start + n]
-            mine.append(piece)
-            start += n
-        pieces.append(mine)
-        stats.local_flops += ns_flops(u.shape)
+    # Phase 2: assemble (one buffer per tensor: [k, n, m] for a stack, [n, m] for a matrix) and orthogonalize.
+    cursor = [0] * size
+    recv_chunks = _split(received, recv_sizes)
+    by_tensor: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+    for t, b, group in owned:
+        by_tensor.setdefault(t, []).append((b, group))
+    outputs: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, matrix) -> NS result
+    for t, mats in by_tensor.items():
+        info, shape = plan.infos[t], us[t].shape
+        buf = locals_[t].new_empty((len(mats), *shape[-2:]))
+        local3 = _stack(locals_[t])
+        slot_of = _slot_of(info, me)
+        for k, (b, group) in enumerate(mats):
+            for pos, r in enumerate(group):
+                rows, cols = info.pieces[pos]
+                if r == me:
+                    piece = local3[slot_of[b]]
+                else:
+                    src, n = pg_rank(r), info.piece_numel[pos]
+                    piece = recv_chunks[src][cursor[src]:cursor[src] + n].view(_length(rows), _length(cols))
+                    cursor[src] += n
+                _place(buf[k], piece, rows, cols)
+        x = buf if len(shape) > 2 else buf[0]
+        _note_input(stats, x)
+        y = ns(x)
+        stats.local_flops += ns_flops(x.shape, steps)
+        y = y if len(shape) > 2 else y.unsqueeze(0)
+        for k, (b, _) in enumerate(mats):
+            outputs[(t, b)] = y[k]
 
-    received, works = [], []
-    for owner, pad, mine in zip(owners, padded, pieces, strict=True):
-        buf = torch.empty_like(pad)
-        works.append(dist.scatter(buf, mine, src=dist.get_global_rank(pg, owner), group=pg, async_op=True))
-        received.append(buf)
-    for work in works:
-        work.wait()
-    return [DTensor.from_local(buf[: u.to_local().shape[0]], u.device_mesh, u.placements, run_check=False,
-                               shape=u.shape, stride=u.stride()) for u, buf in zip(us, received, strict=True)]
+    # Phase 3: owners send each member its piece of the result; I keep mine and receive the rest.
+    send = [[] for _ in range(size)]
+    for t, b, group in owned:
+        info = plan.infos[t]
+        for pos, r in enumerate(group):
+            if r != me:
+                send[pg_rank(r)].append(_extract(outputs[(t, b)], *info.pieces[pos]).reshape(-1))
+    back_sizes = [0] * size
+    for t, _slot, o in held_elsewhere:
+        info = plan.infos[t]
+        back_sizes[pg_rank(o)] += info.piece_numel[info.group_of[me].index(me)]
+    back = _all_to_all(send, back_sizes, first, pg, stats)
+
+    for t in tensors:
+        results[t] = torch.empty_like(locals_[t])
+    slots = {t: _slot_of(plan.infos[t], me) for t in tensors}
+    for t, b, group in owned:
+        info = plan.infos[t]
+        slot = slots[t][b]
+        mine = _extract(outputs[(t, b)], *info.pieces[group.index(me)])
+        _stack(results[t])[slot].copy_(mine)  # type: ignore[union-attr]
+    chunks = list(_split(back, back_sizes))
+    cursor = [0] * size
+    for t, slot, o in held_elsewhere:
+        info = plan.infos[t]
+        src, n = pg_rank(o), info.piece_numel[info.group_of[me].index(me)]
+        dst = _stack(results[t])[slot]  # type: ignore[union-attr]
+        dst.copy_(chunks[src][cursor[src]:cursor[src] + n].view(dst.shape))
+        cursor[src] += n
 
 
-def _rows_of(rows: int, world: int, rank: int) -> int:
-    """Rows FSDP2 / torch.chunk give `rank` when `rows` are split over `world` (ceil-sized chunks)."""
-    chunk = -(-rows // world)
-    return max(0, min(chunk, rows - rank * chunk))
+def _stack(x: torch.Tensor) -> torch.Tensor:
+    """`x` [*lead, n, m] as a [prod(lead), n, m] view."""
+    return x.view(math.prod(x.shape[:-2]), *x.shape[-2:])
+
+
+def _slot_of(info: _TensorInfo, rank: int) -> dict[int, int]:
+    """Matrix index -> its position in `rank`'s local shard."""
+    return {b: s for s, b in enumerate(info.held[rank])}
+
+
+def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(flat, sizes)) if flat.numel() else [flat[:0]] * len(sizes)
+
+
+def _all_to_all(send: list[list[torch.Tensor]], recv_sizes: list[int], like: DTensor, pg: dist.ProcessGroup,
+                stats: NSStats) -> torch.Tensor:
+    """One all_to_all_single of the packed `send` lists (element counts as splits); returns the packed input."""
+    local = like.to_local()
+    send_sizes = [sum(p.numel() for p in ps) for ps in send]
+    parts = [p for ps in send for p in ps]
+    inp = torch.cat(parts) if parts else local.new_empty(0)
+    out = local.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=pg)
+    stats.collectives += 1
+    stats.bytes_sent += inp.numel() * inp.element_size()
+    stats.bytes_received += out.numel() * out.element_size()
+    return out
