@@ -1,7 +1,14 @@
 """Size a run before launching it: parameters, FLOPs per token and per-GPU memory, with no memory spent.
 
     python -m tools.plan --config configs/k2-1t.yaml [--seq-len 4096] [--gpus 2048 --ep 64]
-                         [--optimizer adamw|muon] [--param-dtype fp32] [--json] [model.key=value ...]
+                         [--optimizer adamw|muon] [--param-dtype fp32] [--micro-batch 1] [--global-batch N]
+                         [--activation-checkpointing none|selective|full] [--expert-load FILE] [--mfu 0.4]
+                         [--json] [model.key=value ...]
+
+Besides the counts below, it prints what a layout costs: activation memory per micro-batch under each
+recompute policy (tools/plan_activations.py), all-to-all traffic under balanced and skewed expert load, FSDP
+traffic, Newton-Schulz FLOPs and a step-time estimate on H100 / H200 (tools/plan_comms.py), and whether the
+run fits in their memory (tools/plan_layout.py).
 
 The model is built on the meta device, so even the 1T-parameter Kimi K2 plans in a few seconds and the
 parameter counts are those of the real `Transformer` (they match `transformers`' DeepseekV3ForCausalLM).
@@ -39,6 +46,9 @@ from torch import nn
 from models.config import ConfigError, ModelConfig
 from models.flops import flops_breakdown, flops_per_token
 from models.transformer import Transformer
+from tools.plan_activations import POLICIES
+from tools.plan_comms import DEFAULT_PROFILE, Hardware, load_expert_profile
+from tools.plan_layout import Batch, format_layout, layout_sections
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 OPTIMIZERS: tuple[str, ...] = ("adamw", "muon")
@@ -258,7 +268,7 @@ def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout) -> M
         f"optimizer {layout.optimizer}: "
         + ("AdamW 2 states for every param" if layout.optimizer == "adamw"
            else "Muon 1 momentum for block matrices; AdamW 2 states for embedding, LM head, norms"),
-        "not included: activations, transient all-gather/reduce-scatter buffers (largest shown apart), "
+        "not included: activations (below), transient all-gather/reduce-scatter buffers (largest shown apart), "
         "Muon's gathered matrices for Newton-Schulz, all-to-all buffers, CUDA context, fragmentation",
     ]
     return MemoryEstimate(
@@ -283,6 +293,11 @@ class PlanInput:
     seq_len: int | None  # data.seq_len, if set
     optimizer: str | None  # optim.name, if it is one the planner knows
     ep: int | None  # parallel.ep, if set
+    micro_batch: int | None = None  # train.micro_batch_size
+    global_batch: int | None = None  # train.global_batch_size
+    activation_checkpointing: str | None = None  # parallel.activation_checkpointing
+    grad_sync: str | None = None  # parallel.grad_sync
+    ns_steps: int | None = None  # optim.ns_steps
 
 
 def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> PlanInput:
@@ -301,16 +316,59 @@ def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> Pla
     opt = OmegaConf.select(conf, "optim.name")
     ep = OmegaConf.select(conf, "parallel.ep")
     opt = str(opt).lower() if opt is not None else None
+
+    def opt_int(key: str) -> int | None:
+        value = OmegaConf.select(conf, key)
+        return int(value) if value is not None else None
+
+    def opt_str(key: str) -> str | None:
+        value = OmegaConf.select(conf, key)
+        return str(value) if value is not None else None
+
     return PlanInput(cfg=cfg, seq_len=int(seq_len) if seq_len is not None else None,
-                     optimizer=opt if opt in OPTIMIZERS else None, ep=int(ep) if ep is not None else None)
+                     optimizer=opt if opt in OPTIMIZERS else None, ep=int(ep) if ep is not None else None,
+                     micro_batch=opt_int("train.micro_batch_size"), global_batch=opt_int("train.global_batch_size"),
+                     activation_checkpointing=opt_str("parallel.activation_checkpointing"),
+                     grad_sync=opt_str("parallel.grad_sync"), ns_steps=opt_int("optim.ns_steps"))
+
+
+def validate_batch(batch: Batch, layout: Layout, hw: Hardware) -> None:
+    """Raise PlanError for a batch or node layout the trainer (or the cluster model) cannot run."""
+    if batch.micro_batch < 1:
+        raise PlanError(f"--micro-batch must be >= 1, got {batch.micro_batch}")
+    if batch.activation_checkpointing not in POLICIES:
+        raise PlanError(f"--activation-checkpointing must be one of {', '.join(POLICIES)}, "
+                        f"got '{batch.activation_checkpointing}'")
+    if batch.grad_sync not in ("step", "micro_batch"):
+        raise PlanError(f"--grad-sync must be step or micro_batch, got '{batch.grad_sync}'")
+    gb, step = batch.global_batch, layout.gpus * batch.micro_batch
+    if gb is not None and (gb < 1 or gb % step):
+        raise PlanError(f"global batch {gb} is not a multiple of --gpus x --micro-batch = {layout.gpus} x "
+                        f"{batch.micro_batch} = {step}: every rank runs whole micro-batches (set --global-batch)")
+    g = hw.gpus_per_node
+    if layout.gpus > g and layout.gpus % g:
+        raise PlanError(f"--gpus {layout.gpus} spans more than one node of {g} GPUs but is not a multiple of "
+                        f"{g} (--gpus-per-node); use whole nodes")
+    if not 0 < hw.mfu <= 1:
+        raise PlanError(f"--mfu must lie in (0, 1], got {hw.mfu}")
 
 
 # --- the plan ---------------------------------------------------------------------------------------
-def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "") -> dict[str, Any]:
-    """Everything the CLI prints, as a JSON-ready dict."""
+def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "", batch: Batch | None = None,
+              hardware: Hardware | None = None, expert_load: str | Path | None = None) -> dict[str, Any]:
+    """Everything the CLI prints, as a JSON-ready dict. `expert_load`: a metrics.jsonl or JSON list of per-expert
+    shares for the skewed all-to-all (default: tools/expert_load_tiny.json, measured on a tiny run)."""
     if seq_len < 1:
         raise PlanError(f"--seq-len must be >= 1, got {seq_len}")
     layout.validate(cfg)
+    batch = batch or Batch()
+    hardware = hardware or Hardware()
+    validate_batch(batch, layout, hardware)
+    profile_path = Path(expert_load) if expert_load is not None else DEFAULT_PROFILE
+    try:
+        profile = load_expert_profile(profile_path) if cfg.num_moe_layers and layout.ep > 1 else None
+    except ValueError as e:
+        raise PlanError(str(e)) from e
     model = meta_model(cfg)
     params = count_params(model)
     fwd = flops_breakdown(cfg, seq_len, causal=True)
@@ -319,7 +377,7 @@ def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "
     approx = approx_flops_per_token(cfg, params, seq_len)
     mem = memory_per_gpu(model, layout)
     gib = 2.0**30
-    return {
+    plan: dict[str, Any] = {
         "config": source,
         "seq_len": seq_len,
         "params": {"total": params.total, "activated": params.activated, "breakdown": params.breakdown,
@@ -349,6 +407,11 @@ def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "
             "assumptions": mem.assumptions,
         },
     }
+    source_note = (f"{profile_path.name}" + (" (measured on a tiny run; see its note)"
+                                              if profile_path == DEFAULT_PROFILE else ""))
+    plan.update(layout_sections(model, cfg, seq_len, layout, batch, hardware, profile, source_note,
+                                param_category, _is_muon_matrix, mem.total, mem.largest_unit_gathered))
+    return plan
 
 
 def _human(n: float) -> str:
@@ -413,6 +476,8 @@ def format_plan(plan: dict[str, Any]) -> str:
                  f"  ({m['largest_unit']}, {lay['compute_dtype']}, transient)")
     lines.append("  assumptions:")
     lines += [f"    - {a}" for a in m["assumptions"]]
+    lines.append("")
+    lines += format_layout(plan, w)
     return "\n".join(lines)
 
 
@@ -437,6 +502,24 @@ def main(argv: list[str] | None = None) -> int:
                                 ("compute-dtype", "bf16", "gathered weights for compute")):
         parser.add_argument(f"--{flag}", choices=list(DTYPE_BYTES), default=default,
                             help=f"dtype of {what} (default {default})")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per forward per rank (default: train.micro_batch_size, else 1)")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="sequences per optimizer step, all ranks (default: train.global_batch_size, else one "
+                             "micro-batch per rank)")
+    parser.add_argument("--activation-checkpointing", choices=POLICIES, default=None,
+                        help="recompute policy the fit and step time use (default: the config's, else "
+                             "selective); activation memory is printed for all three")
+    parser.add_argument("--grad-sync", choices=("step", "micro_batch"), default=None,
+                        help="FSDP gradient reduce-scatter once per step or per micro-batch (default: the "
+                             "config's parallel.grad_sync, else step)")
+    parser.add_argument("--expert-load", default=None, metavar="FILE",
+                        help="per-expert load shares for the skewed all-to-all: a trainer metrics.jsonl or a JSON "
+                             f"list of shares (default: {DEFAULT_PROFILE.name}, measured on a tiny run)")
+    parser.add_argument("--mfu", type=float, default=Hardware.mfu,
+                        help=f"assumed fraction of the 989 TFLOP/s peak the matmuls reach (default {Hardware.mfu})")
+    parser.add_argument("--gpus-per-node", type=int, default=Hardware.gpus_per_node,
+                        help=f"GPUs sharing NVLink (default {Hardware.gpus_per_node})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("overrides", nargs="*", help="OmegaConf overrides, e.g. model.num_hidden_layers=30")
     args = parser.parse_args(argv)
@@ -451,7 +534,16 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout(gpus=args.gpus, ep=ep, optimizer=args.optimizer or inp.optimizer or "adamw",
                         param_dtype=args.param_dtype, grad_dtype=args.grad_dtype,
                         optim_dtype=args.optim_dtype, compute_dtype=args.compute_dtype)
-        plan = make_plan(inp.cfg, seq_len, layout, source=str(args.config))
+        batch = Batch(micro_batch=args.micro_batch or inp.micro_batch or 1,
+                      global_batch=args.global_batch or inp.global_batch,
+                      activation_checkpointing=args.activation_checkpointing or inp.activation_checkpointing
+                      or "selective",
+                      grad_sync=args.grad_sync or inp.grad_sync or "step", ns_steps=inp.ns_steps or 5)
+        if args.gpus_per_node < 1:
+            raise PlanError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
+        hardware = Hardware(mfu=args.mfu, gpus_per_node=args.gpus_per_node)
+        plan = make_plan(inp.cfg, seq_len, layout, source=str(args.config), batch=batch, hardware=hardware,
+                         expert_load=args.expert_load)
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
