@@ -197,12 +197,18 @@ class RankLoad:
 
 @dataclass(frozen=True)
 class _TensorInfo:
+    """Where the matrices of one layout are (shared by equal layouts: treat as read-only)."""
+
     matrix_dims: tuple[int, ...]  # mesh dims sharding rows / columns
     batch_dims: tuple[int, ...]  # mesh dims sharding leading dims
     pieces: tuple[tuple[Runs, Runs], ...]  # (row runs, col runs) per group position (row-major over matrix_dims)
-    piece_numel: tuple[int, ...]
-    held: dict[int, tuple[int, ...]]  # global rank -> matrices it holds pieces of, in its local order
-    group_of: dict[int, tuple[int, ...]]  # global rank -> its group (the same tuple object for all members)
+    piece_numel: tuple[int, ...]  # elements of each position's piece
+    groups: tuple[tuple[int, ...], ...]  # the distinct groups (global ranks in group order)
+    held: tuple[tuple[int, ...], ...]  # per group: matrices its members hold pieces of, in local order
+    rank_group: dict[int, tuple[int, int]]  # global rank -> (its group's index, its position in the group)
+
+    def held_by(self, rank: int) -> tuple[int, ...]:
+        return self.held[self.rank_group[rank][0]]
 
 
 @dataclass
@@ -213,35 +219,48 @@ class OwnershipPlan:
     steps: int
     matrices: list[MatrixOwnership]
     infos: list[_TensorInfo] = field(repr=False)
-    _owner: dict[tuple[int, int, tuple[int, ...]], int] = field(repr=False, default_factory=dict)
+    _owner: dict[tuple[int, int, int], int] = field(repr=False, default_factory=dict)
 
     @property
     def total_flops(self) -> int:
         return sum(m.flops for m in self.matrices)
 
-    def owner_of(self, tensor: int, index: int, group: tuple[int, ...]) -> int:
-        """Global rank owning matrix `index` of update `tensor` in `group`."""
-        return self._owner[(tensor, index, group)]
+    def owner_of(self, tensor: int, index: int, rank: int) -> int:
+        """Global rank owning matrix `index` of update `tensor` in the group of global rank `rank`."""
+        return self._owner[(tensor, index, self.infos[tensor].rank_group[rank][0])]
 
     def per_rank(self) -> dict[int, RankLoad]:
-        """NS FLOPs, owned matrices and bytes received (assembling and returned) per global rank."""
+        """NS FLOPs, owned matrices and bytes (held, received to assemble, received back) per global rank of
+        the meshes (a rank with nothing to do gets zeros)."""
         loads: dict[int, RankLoad] = {}
+        shared: dict[int, int] = {}  # rank -> bytes it holds of matrices split over several ranks
+        count: dict[tuple[int, int], int] = {}
+        first: dict[int, _TensorInfo] = {}
         for lay, info in zip(self.layouts, self.infos, strict=True):
-            for r, held in info.held.items():
-                pos = info.group_of[r].index(r)
-                loads.setdefault(r, RankLoad()).held_bytes += len(held) * info.piece_numel[pos] * lay.itemsize
+            count[(id(info), lay.itemsize)] = count.get((id(info), lay.itemsize), 0) + 1
+            first[id(info)] = info
+        for (key, size), n in count.items():
+            info = first[key]
+            for group, held in zip(info.groups, info.held, strict=True):
+                for pos, r in enumerate(group):
+                    nbytes = n * len(held) * info.piece_numel[pos] * size
+                    loads.setdefault(r, RankLoad()).held_bytes += nbytes
+                    if len(group) > 1:
+                        shared[r] = shared.get(r, 0) + nbytes
+        for r, nbytes in shared.items():
+            loads[r].return_bytes += nbytes  # every piece of a shared matrix comes back, but the owner's own
         for m in self.matrices:
             info, size = self.infos[m.tensor], self.layouts[m.tensor].itemsize
             own = loads.setdefault(m.owner_rank, RankLoad())
             own.flops += m.flops
             own.matrices += 1
-            own.gather_bytes += (m.numel - info.piece_numel[m.owner]) * size
-            for pos, r in enumerate(m.group):
-                if pos != m.owner:
-                    loads.setdefault(r, RankLoad()).return_bytes += info.piece_numel[pos] * size
+            if len(m.group) > 1:
+                own.gather_bytes += (m.numel - info.piece_numel[m.owner]) * size
+                own.return_bytes -= info.piece_numel[m.owner] * size
         return loads
 
 
+@functools.lru_cache(maxsize=256)
 def _tensor_info(lay: Layout) -> _TensorInfo:
     ndim = len(lay.shape)
     if ndim < 2:
@@ -273,22 +292,26 @@ def _tensor_info(lay: Layout) -> _TensorInfo:
         held_by_batch[sub] = tuple(sum(g * s for g, s in zip(idx, strides, strict=True))
                                    for idx in itertools.product(*per_dim))
 
-    held, group_of = {}, {}
-    groups: dict[tuple[int, ...], tuple[int, ...]] = {}
+    groups: list[tuple[int, ...]] = []
+    held: list[tuple[int, ...]] = []
+    index: dict[tuple[int, ...], int] = {}  # coordinates off the matrix dims -> group index
+    rank_group: dict[int, tuple[int, int]] = {}
     for flat, r in enumerate(lay.mesh):
         coord = _unravel(flat, mshape)
         rest = tuple(v for i, v in enumerate(coord) if i not in matrix_dims)
-        if rest not in groups:
+        if rest not in index:
             members = []
             for sub in itertools.product(*(range(mshape[i]) for i in matrix_dims)):
                 cc = list(coord)
                 for i, v in zip(matrix_dims, sub, strict=True):
                     cc[i] = v
                 members.append(lay.mesh[_ravel(cc, mshape)])
-            groups[rest] = tuple(members)
-        group_of[r] = groups[rest]
-        held[r] = held_by_batch[tuple(coord[i] for i in batch_dims)]
-    return _TensorInfo(matrix_dims, batch_dims, tuple(pieces), piece_numel, held, group_of)
+            index[rest] = len(groups)
+            groups.append(tuple(members))
+            held.append(held_by_batch[tuple(coord[i] for i in batch_dims)])
+        pos = _ravel([coord[i] for i in matrix_dims], [mshape[i] for i in matrix_dims])
+        rank_group[r] = (index[rest], pos)
+    return _TensorInfo(matrix_dims, batch_dims, tuple(pieces), piece_numel, tuple(groups), tuple(held), rank_group)
 
 
 def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
@@ -313,47 +336,46 @@ def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS) -> Ownershi
     its pieces are split over. Matrices of one-rank groups are assigned first; the rest go largest NS cost
     first (ties: update order, then matrix index) to the group member with the least NS FLOPs so far (ties:
     the lower global rank), loads counted across all groups. Returns an :class:`OwnershipPlan`: ``matrices``
-    (a :class:`MatrixOwnership` each: owner's group position and global rank, FLOPs), ``per_rank()``
+    (a :class:`MatrixOwnership` each: group, owner's group position and global rank, FLOPs), ``per_rank()``
     (FLOPs and bytes per rank), ``total_flops``.
     """
     layouts = tuple(layouts)
     infos = [_tensor_info(lay) for lay in layouts]
-    items = []  # (flops, tensor, index, group)
+    gid: dict[tuple[int, ...], int] = {}  # equal groups of different updates share one load heap
+    items = []  # (flops, tensor, matrix, group index in the tensor's info, global group id)
     for t, (lay, info) in enumerate(zip(layouts, infos, strict=True)):
         flops = ns_flops(lay.shape[-2:], steps)
-        seen: set[tuple[int, ...]] = set()
-        for r in lay.mesh:
-            group = info.group_of[r]
-            if group[0] != r or id(group) in seen:  # each group once (its first member lists it)
-                continue
-            seen.add(id(group))
-            for b in sorted(info.held[r]):
-                items.append((flops, t, b, group))
+        for gi, (group, held) in enumerate(zip(info.groups, info.held, strict=True)):
+            g = gid.setdefault(group, len(gid))
+            items.extend((flops, t, b, gi, g) for b in sorted(held))
+    members = {g: group for group, g in gid.items()}
     load: dict[int, int] = {}
-    owner: dict[tuple[int, int, tuple[int, ...]], int] = {}
-    heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    forced = [it for it in items if len(it[3]) == 1]
-    rest = sorted((it for it in items if len(it[3]) > 1), key=lambda it: (-it[0], it[1], it[2]))
-    for flops, t, b, group in forced:
-        owner[(t, b, group)] = group[0]
-        load[group[0]] = load.get(group[0], 0) + flops
-    for flops, t, b, group in rest:
-        heap = heaps.get(group)
+    owner: dict[tuple[int, int, int], int] = {}
+    heaps: dict[int, list[tuple[int, int]]] = {}
+    forced = [it for it in items if len(members[it[4]]) == 1]
+    rest = sorted((it for it in items if len(members[it[4]]) > 1), key=lambda it: (-it[0], it[1], it[2], it[3]))
+    for flops, t, b, gi, g in forced:
+        r = members[g][0]
+        owner[(t, b, gi)] = r
+        load[r] = load.get(r, 0) + flops
+    for flops, t, b, gi, g in rest:
+        heap = heaps.get(g)
         if heap is None:
-            heap = heaps[group] = [(load.get(r, 0), r) for r in group]
+            heap = heaps[g] = [(load.get(r, 0), r) for r in members[g]]
             heapq.heapify(heap)
         while True:  # keys are loads when pushed; a rank loaded since (by another group) goes back in
             stored, r = heapq.heappop(heap)
             if stored == load.get(r, 0):
                 break
             heapq.heappush(heap, (load.get(r, 0), r))
-        owner[(t, b, group)] = r
+        owner[(t, b, gi)] = r
         load[r] = stored + flops
         heapq.heappush(heap, (load[r], r))
     matrices = []
-    for flops, t, b, group in items:
-        r = owner[(t, b, group)]
-        matrices.append(MatrixOwnership(t, b, group, group.index(r), r, flops, math.prod(layouts[t].shape[-2:])))
+    for flops, t, b, gi, _ in items:
+        info, r = infos[t], owner[(t, b, gi)]
+        matrices.append(MatrixOwnership(t, b, info.groups[gi], info.rank_group[r][1], r, flops,
+                                        math.prod(layouts[t].shape[-2:])))
     return OwnershipPlan(layouts, steps, matrices, infos, owner)
 
 
@@ -467,28 +489,34 @@ def orthogonalize(updates: list[torch.Tensor], ns: NSFn, stats: NSStats | None =
 def _exchange(tensors: list[int], us: list[DTensor], locals_: list[torch.Tensor], results: list[torch.Tensor | None],
               plan: OwnershipPlan, me: int, ns: NSFn, steps: int, stats: NSStats) -> None:
     """Phases 1–3 of the module docstring for the updates `tensors` of one key (same mesh, matrix mesh dims and
-    dtype): one all_to_all_single to assemble, NS on the owned matrices, one all_to_all_single back."""
+    dtype): one all_to_all_single to assemble, NS on the owned matrices, one all_to_all_single back. Both sides
+    of every exchange walk the same (tensor, matrix) order, so the element counts are all they need."""
     first = us[tensors[0]]
-    mesh, mdims = first.device_mesh, plan.infos[tensors[0]].matrix_dims
-    pg = mesh.get_group(mdims[0]) if len(mdims) == 1 else dist.group.WORLD
+    mdims = plan.infos[tensors[0]].matrix_dims
+    pg = first.device_mesh.get_group(mdims[0]) if len(mdims) == 1 else dist.group.WORLD
     size = dist.get_world_size(pg)
-    pg_rank = functools.partial(dist.get_group_rank, pg)
-    itemsize = first.element_size()
+    pg_ranks: dict[int, int] = {}
 
+    def pg_rank(r: int) -> int:
+        if r not in pg_ranks:
+            pg_ranks[r] = dist.get_group_rank(pg, r)
+        return pg_ranks[r]
+
+    itemsize = first.element_size()
     # Phase 1: my pieces of matrices owned elsewhere go to their owners; pieces of mine come from the others.
     send: list[list[torch.Tensor]] = [[] for _ in range(size)]
     recv_sizes = [0] * size
-    owned: list[tuple[int, int, tuple[int, ...]]] = []  # (tensor, matrix, group) I own, in plan order
-    held_elsewhere: list[tuple[int, int, int]] = []  # (tensor, local slot, owner) for phase 3, in plan order
+    owned: dict[int, list[int]] = {}  # tensor -> matrices I own, ascending
+    held_elsewhere: list[tuple[int, int, int]] = []  # (tensor, local slot, owner), in exchange order
     for t in tensors:
         info = plan.infos[t]
-        group = info.group_of[me]
-        mypos = group.index(me)
+        gi, mypos = info.rank_group[me]
+        group = info.groups[gi]
         local3 = _stack(locals_[t])
-        for slot, b in sorted(enumerate(info.held[me]), key=lambda sb: sb[1]):
-            o = plan.owner_of(t, b, group)
+        for slot, b in sorted(enumerate(info.held[gi]), key=lambda sb: sb[1]):
+            o = plan.owner_of(t, b, me)
             if o == me:
-                owned.append((t, b, group))
+                owned.setdefault(t, []).append(b)
                 for pos, r in enumerate(group):
                     if r != me:
                         recv_sizes[pg_rank(r)] += info.piece_numel[pos]
@@ -496,78 +524,70 @@ def _exchange(tensors: list[int], us: list[DTensor], locals_: list[torch.Tensor]
             else:
                 send[pg_rank(o)].append(local3[slot].reshape(-1))
                 held_elsewhere.append((t, slot, o))
-    received = _all_to_all(send, recv_sizes, first, pg, stats)
+    received = _split(_all_to_all(send, recv_sizes, first, pg, stats), recv_sizes)
     stats.bytes_received_gather += sum(recv_sizes) * itemsize
 
     # Phase 2: assemble (one buffer per tensor: [k, n, m] for a stack, [n, m] for a matrix) and orthogonalize.
     cursor = [0] * size
-    recv_chunks = _split(received, recv_sizes)
-    by_tensor: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
-    for t, b, group in owned:
-        by_tensor.setdefault(t, []).append((b, group))
-    outputs: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, matrix) -> NS result
-    for t, mats in by_tensor.items():
+    outputs: dict[int, torch.Tensor] = {}  # tensor -> NS results of its owned matrices [k, n, m]
+    for t, mats in owned.items():
         info, shape = plan.infos[t], us[t].shape
+        gi, _ = info.rank_group[me]
         buf = locals_[t].new_empty((len(mats), *shape[-2:]))
         local3 = _stack(locals_[t])
-        slot_of = _slot_of(info, me)
-        for k, (b, group) in enumerate(mats):
-            for pos, r in enumerate(group):
+        slot_of = {b: s for s, b in enumerate(info.held[gi])}
+        for k, b in enumerate(mats):
+            for pos, r in enumerate(info.groups[gi]):
                 rows, cols = info.pieces[pos]
                 if r == me:
                     piece = local3[slot_of[b]]
                 else:
                     src, n = pg_rank(r), info.piece_numel[pos]
-                    piece = recv_chunks[src][cursor[src]:cursor[src] + n].view(_length(rows), _length(cols))
+                    piece = received[src][cursor[src]:cursor[src] + n].view(_length(rows), _length(cols))
                     cursor[src] += n
                 _place(buf[k], piece, rows, cols)
-        x = buf if len(shape) > 2 else buf[0]
+        x = buf if len(shape) > 2 else buf[0]  # a plain matrix stays 2-D: NS's unbatched kernels, as in 1 process
         _note_input(stats, x)
         y = ns(x)
         stats.local_flops += ns_flops(x.shape, steps)
-        y = y if len(shape) > 2 else y.unsqueeze(0)
-        for k, (b, _) in enumerate(mats):
-            outputs[(t, b)] = y[k]
+        outputs[t] = y if len(shape) > 2 else y.unsqueeze(0)
 
     # Phase 3: owners send each member its piece of the result; I keep mine and receive the rest.
     send = [[] for _ in range(size)]
-    for t, b, group in owned:
+    for t, mats in owned.items():
         info = plan.infos[t]
-        for pos, r in enumerate(group):
-            if r != me:
-                send[pg_rank(r)].append(_extract(outputs[(t, b)], *info.pieces[pos]).reshape(-1))
+        gi, _ = info.rank_group[me]
+        for k in range(len(mats)):
+            for pos, r in enumerate(info.groups[gi]):
+                if r != me:
+                    send[pg_rank(r)].append(_extract(outputs[t][k], *info.pieces[pos]).reshape(-1))
     back_sizes = [0] * size
-    for t, _slot, o in held_elsewhere:
+    for t, _, o in held_elsewhere:
         info = plan.infos[t]
-        back_sizes[pg_rank(o)] += info.piece_numel[info.group_of[me].index(me)]
-    back = _all_to_all(send, back_sizes, first, pg, stats)
+        back_sizes[pg_rank(o)] += info.piece_numel[info.rank_group[me][1]]
+    back = _split(_all_to_all(send, back_sizes, first, pg, stats), back_sizes)
 
     for t in tensors:
         results[t] = torch.empty_like(locals_[t])
-    slots = {t: _slot_of(plan.infos[t], me) for t in tensors}
-    for t, b, group in owned:
+    for t, mats in owned.items():
         info = plan.infos[t]
-        slot = slots[t][b]
-        mine = _extract(outputs[(t, b)], *info.pieces[group.index(me)])
-        _stack(results[t])[slot].copy_(mine)  # type: ignore[union-attr]
-    chunks = list(_split(back, back_sizes))
+        gi, mypos = info.rank_group[me]
+        slot_of = {b: s for s, b in enumerate(info.held[gi])}
+        out3 = _stack(results[t])  # type: ignore[arg-type]
+        for k, b in enumerate(mats):
+            out3[slot_of[b]].copy_(_extract(outputs[t][k], *info.pieces[mypos]))
     cursor = [0] * size
     for t, slot, o in held_elsewhere:
-        info = plan.infos[t]
-        src, n = pg_rank(o), info.piece_numel[info.group_of[me].index(me)]
-        dst = _stack(results[t])[slot]  # type: ignore[union-attr]
-        dst.copy_(chunks[src][cursor[src]:cursor[src] + n].view(dst.shape))
+        n = plan.infos[t].piece_numel[plan.infos[t].rank_group[me][1]]
+        dst = _stack(results[t])[slot]  # type: ignore[arg-type]
+        src = pg_rank(o)
+        dst.copy_(back[src][cursor[src]:cursor[src] + n].view(dst.shape))
         cursor[src] += n
 
 
 def _stack(x: torch.Tensor) -> torch.Tensor:
     """`x` [*lead, n, m] as a [prod(lead), n, m] view."""
     return x.view(math.prod(x.shape[:-2]), *x.shape[-2:])
-
-
-def _slot_of(info: _TensorInfo, rank: int) -> dict[int, int]:
-    """Matrix index -> its position in `rank`'s local shard."""
-    return {b: s for s, b in enumerate(info.held[rank])}
 
 
 def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

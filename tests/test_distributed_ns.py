@@ -1,4 +1,5 @@
-"""Distributed Newton–Schulz: each matrix orthogonalized once, by its owner; results equal one process."""
+"""Distributed Newton–Schulz: each matrix orthogonalized once, by its owner; results equal one process; the
+ownership plan (a pure function) at K2 scale."""
 
 from __future__ import annotations
 
@@ -8,9 +9,21 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
-from optim.distributed_ns import NSStats, _rows_of, assign_owners, ns_flops, orthogonalize
+from optim.distributed_ns import (
+    Layout,
+    NSStats,
+    _rows_of,
+    assign_owners,
+    dim_runs,
+    layout_of,
+    ns_flops,
+    orthogonalize,
+    plan_ownership,
+)
+from parallel.mesh import ParallelDims, build_mesh
 from tests.dist_harness import run_ranks
 
 # uneven row counts (7 rows on 4 ranks leaves a rank empty), tall/wide/square, and an expert stack
@@ -86,3 +99,138 @@ def test_owner_assignment_balances_flops() -> None:
     # The best split there is: one 64x64 and two 32x32 per rank, the small matrix on top of one of them.
     even = ns_flops((64, 64)) + 2 * ns_flops((32, 32))
     assert sorted(loads) == [even, even, even, even + ns_flops((128, 16))]
+
+
+# --- any placement on the (dp_mod_ep, ep) mesh -------------------------------------------------------------
+
+# (shape, placements on the 2x2 mesh (dp_mod_ep, ep)): every way a Muon update can be split
+MESH_CASES = [
+    ((2, 16, 8), (Shard(1), Shard(0))),  # expert-FSDP with 1 local expert < dp_mod_ep: rows split
+    ((2, 8, 16), (Shard(1), Shard(0))),
+    ((8, 6, 10), (_StridedShard(0, split_factor=2), Shard(0))),  # expert-FSDP on EP with whole experts
+    ((2, 10, 7), (Shard(2), Shard(0))),  # columns split
+    ((3, 9, 5), (Shard(1), Shard(1))),  # rows split over both mesh dims (the world group)
+    ((4, 7, 6), (Replicate(), Shard(1))),  # rows split over ep, replicated over dp_mod_ep
+    ((2, 5, 3, 4), (Shard(2), Shard(1))),  # two leading dims
+]
+DENSE = [(7, 5), (3, 10)]  # Shard(0) over the flattened "dp" mesh, as FSDP2 shards dense weights
+
+
+def _mesh_inputs(copies: int) -> list[tuple[torch.Tensor, tuple | None]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(copies):  # copies: more matrices (more layers), the same keys
+        out += [(torch.randn(s, generator=g), p) for s, p in MESH_CASES]
+        out += [(torch.randn(s, generator=g), None) for s in DENSE]
+        out.append((torch.randn((5, 7), generator=g, dtype=torch.float64), None))  # a second dtype
+    return out
+
+
+def _local_indices(x: torch.Tensor, d: DTensor) -> tuple[torch.Tensor, ...]:
+    """Index tensors selecting this rank's shard of `x` (the global tensor of `d`), by `dim_runs`."""
+    coord = d.device_mesh.get_coordinate()
+    idx = [torch.tensor([i for a, b in dim_runs(x.shape[k], k, x.ndim, d.device_mesh.shape, d.placements, coord)
+                         for i in range(a, b)], dtype=torch.long) for k in range(x.ndim)]
+    return torch.meshgrid(*idx, indexing="ij")
+
+
+def _mesh_worker(rank: int, world: int, out_path: str) -> None:
+    mesh = build_mesh(ParallelDims(world, world, 2), "cpu")
+    report = {}
+    for copies in (1, 3):
+        inputs = _mesh_inputs(copies)
+        sharded = [distribute_tensor(x, mesh["dp"], [Shard(0)]) if p is None else distribute_tensor(x, mesh, p)
+                   for x, p in inputs]
+        for (x, _), d in zip(inputs, sharded, strict=True):  # dim_runs is DTensor's own split
+            assert torch.equal(d.to_local(), x[_local_indices(x, d)])
+        stats = NSStats()
+        result = orthogonalize(sharded, reference_ns, stats=stats)
+        for (x, _), d, r in zip(inputs, sharded, result, strict=True):
+            assert r.placements == d.placements and r.shape == d.shape
+            # compared shard by shard: full_tensor() is wrong for uneven nested splits of one dim (torch 2.13)
+            torch.testing.assert_close(r.to_local(), reference_ns(x)[_local_indices(x, d)], rtol=0, atol=1e-6)
+        plan = plan_ownership([layout_of(d) for d in sharded])
+        mine = plan.per_rank()[rank]
+        assert (mine.flops, mine.gather_bytes) == (stats.local_flops, stats.bytes_received_gather)
+        assert mine.gather_bytes + mine.return_bytes == stats.bytes_received
+        report[copies] = dict(vars(stats))
+    reports = [None] * world
+    dist.all_gather_object(reports, report)
+    if rank == 0:
+        torch.save(reports, out_path)
+
+
+def test_every_placement_on_the_expert_mesh(tmp_path: Path) -> None:
+    """World 4 on (dp_mod_ep=2, ep=2): each matrix assembled on one owner of its group and orthogonalized once,
+    results as in one process, a fixed number of collectives whatever the number of matrices."""
+    run_ranks(_mesh_worker, 4, str(tmp_path / "out.pt"))
+    reports = torch.load(tmp_path / "out.pt")
+    collectives = {}
+    for copies in (1, 3):
+        stats = [r[copies] for r in reports]
+        assert sum(s["local_flops"] for s in stats) == stats[0]["total_flops"]  # each matrix once
+        for s in stats:
+            assert s["bytes_received_gather"] == s["min_bytes_gather"]  # owns minus holds, no padding
+            # NS sees the experts a rank holds whole, or the ones it owns: never a whole stack
+            lead = s["largest_ns_input"][:-2]
+            assert not lead or lead[0] < 8
+        collectives[copies] = [s["collectives"] for s in stats]
+    # keys (mesh group, dtype): rows over dp_mod_ep, rows over ep, rows over both, dense fp32, dense fp64
+    assert collectives[1] == collectives[3] == [10] * 4
+
+
+# --- the plan at K2 scale, without a process group ---------------------------------------------------------
+
+K2 = dict(world=2048, ep=64, experts=384, hidden=7168, moe_inter=2048, inter=18432, layers=61, dense_layers=1)
+
+
+def _k2_layouts() -> tuple[list[Layout], list[str]]:
+    """K2's Muon matrices as FSDP2 + EP shard them at world 2048, ep 64: 6 experts per rank < 32 ranks per
+    expert group, so stacks are (Shard(1), Shard(0)) on (dp_mod_ep=32, ep=64); dense Shard(0) on "dp"."""
+    w, ep, e, h = K2["world"], K2["ep"], K2["experts"], K2["hidden"]
+    ranks = tuple(range(w))
+    dense = lambda s: Layout(s, ranks, (w,), (Shard(0),))  # noqa: E731
+    stack = lambda s: Layout(s, ranks, (w // ep, ep), (Shard(1), Shard(0)))  # noqa: E731
+    layouts, kinds = [], []
+    for layer in range(K2["layers"]):
+        attn = [(1536, h), (64 * 192, 1536), (576, h), (64 * 256, 512), (h, 64 * 128)]  # MLA, 64 heads
+        layouts += [dense(s) for s in attn]
+        kinds += ["dense"] * len(attn)
+        if layer < K2["dense_layers"]:
+            i = K2["inter"]
+            layouts += [dense((i, h)), dense((i, h)), dense((h, i))]
+            kinds += ["dense"] * 3
+        else:
+            m = K2["moe_inter"]
+            layouts += [dense((e, h)), dense((m, h)), dense((m, h)), dense((h, m))]  # router, shared expert
+            layouts += [stack((e, m, h)), stack((e, m, h)), stack((e, h, m))]
+            kinds += ["dense"] * 4 + ["experts"] * 3
+    return layouts, kinds
+
+
+def test_plan_ownership_at_k2_scale() -> None:
+    layouts, kinds = _k2_layouts()
+    plan = plan_ownership(layouts)
+    w, ep, e = K2["world"], K2["ep"], K2["experts"]
+    n_local, dp_mod_ep = e // ep, w // ep
+    seen = set()
+    for m in plan.matrices:
+        assert (m.tensor, m.index, m.group) not in seen  # each matrix exactly once
+        seen.add((m.tensor, m.index, m.group))
+        assert m.group[m.owner] == m.owner_rank
+        if kinds[m.tensor] == "experts":  # the dp_mod_ep group of the ep coordinate holding the expert
+            assert m.group == tuple(d * ep + m.index // n_local for d in range(dp_mod_ep))
+        else:
+            assert len(m.group) == w
+    stacks = sum(k == "experts" for k in kinds)
+    assert len(plan.matrices) == stacks * e + kinds.count("dense")
+    loads = plan.per_rank()
+    assert sorted(loads) == list(range(w))
+    assert sum(r.flops for r in loads.values()) == plan.total_flops
+    mean = plan.total_flops / w
+    assert max(r.flops for r in loads.values()) <= 1.10 * mean  # over the full depth
+    assert min(r.flops for r in loads.values()) >= 0.90 * mean
+    stack_bytes = e * K2["moe_inter"] * K2["hidden"] * 4
+    for r in loads.values():
+        # received to assemble = what it owns minus what it holds (the minimum); never a whole expert stack
+        assert r.gather_bytes < stack_bytes and r.return_bytes <= r.held_bytes
