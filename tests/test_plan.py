@@ -1,6 +1,8 @@
 """Tests for tools/plan.py and models/flops.py: parameter counts (vs the published numbers and
 `transformers`' own model), analytic FLOPs (vs torch's FlopCounterMode on a real forward/backward),
-per-GPU memory (vs hand arithmetic) and the CLI."""
+per-GPU memory (vs hand arithmetic), activation memory (vs what a real CPU forward leaves for the backward),
+all-to-all bytes (vs a real gloo expert-parallel run; skew from a real tiny run), the step-time arithmetic and
+the CLI."""
 
 from __future__ import annotations
 
@@ -18,14 +20,26 @@ from models.config import ModelConfig
 from models.flops import flops_breakdown, flops_per_token
 from models.hf import to_hf_config
 from models.transformer import Transformer
+from tests.dist_harness import run_ranks
 from tools.plan import (
     CATEGORIES,
     Layout,
     PlanError,
     count_params,
     main,
+    make_plan,
     memory_per_gpu,
 )
+from tools.plan_activations import POLICIES, activation_memory, measure_activation_bytes
+from tools.plan_comms import (
+    DEFAULT_PROFILE,
+    Hardware,
+    busiest_factor,
+    load_expert_profile,
+    rank_shares,
+    resample_shares,
+)
+from tools.plan_layout import Batch, ns_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,3 +261,204 @@ def test_cli_defaults_from_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert (plan["params"]["total"], plan["params"]["activated"]) == PUBLISHED["k2-1t"]
     assert main(["--config", k2, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layout"]["ep"] == 1
+
+
+# --- activation memory ------------------------------------------------------------------------------
+# Wider than tiny and through the other code paths: no q_lora (q_proj), v_head_dim > qk_head_dim (q and k
+# padded for SDPA, v a view of kv_b's output), 16 experts top-4, 2 shared experts, 2 dense layers.
+WIDE = dict(hidden_size=256, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=64, v_head_dim=64,
+            intermediate_size=512, moe_intermediate_size=64, n_routed_experts=16, num_experts_per_tok=4,
+            n_shared_experts=2, first_k_dense_replace=2, num_hidden_layers=5, vocab_size=512)
+
+
+def _check_activations(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype) -> None:
+    c = torch.empty((), dtype=dtype).element_size()
+    for policy in POLICIES:
+        measured = measure_activation_bytes(cfg, batch, seq, policy, dtype)
+        counted = activation_memory(cfg, batch, seq, policy, c).total
+        # The issue asks for 15%; the count is exact up to the loss's scalars (a few bytes).
+        assert counted == pytest.approx(measured, rel=0.15), (policy, dtype)
+        assert abs(counted - measured) <= 64, (policy, dtype, counted, measured)
+
+
+def test_activation_memory_matches_measured_tiny() -> None:
+    """The analytic count equals the bytes a real bf16 forward of the tiny preset leaves for the backward
+    (storages alive after forward + loss, parameters excluded), under none / selective / full."""
+    _check_activations(preset("tiny"), 2, 32, torch.bfloat16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_activation_memory_matches_measured_wide(dtype: torch.dtype) -> None:
+    _check_activations(preset("tiny").replace(**WIDE), 2, 64, dtype)
+
+
+@pytest.mark.slow
+def test_activation_memory_matches_measured_eager_fp32() -> None:
+    _check_activations(preset("tiny").replace(attn_impl="eager"), 2, 32, torch.float32)
+
+
+def test_activation_memory_by_hand() -> None:
+    """Full recompute keeps one [tokens, hidden] input per block; the rest is the loss head. Selective keeps
+    less than none, more than full, and the recompute transient is the largest block under none."""
+    cfg = preset("k2-1t")
+    t, hid = 4096, 7168
+    outside = 4096 * 64 * 2 + (t * hid * 4 + t * 4 + t * hid * 2) + t * hid * 2 + t * 163_840 * 4
+    full = activation_memory(cfg, 1, 4096, "full")
+    assert full.total == 61 * t * hid * 2 + outside
+    none, sel = activation_memory(cfg, 1, 4096, "none"), activation_memory(cfg, 1, 4096, "selective")
+    assert full.total < sel.total < none.total
+    assert sel.recompute_block == full.recompute_block == none.moe_layer and none.recompute_block == 0
+    # Expert parallelism adds, under selective only, the two all-to-all outputs per MoE layer.
+    sel_ep = activation_memory(cfg, 1, 4096, "selective", ep=64)
+    assert sel_ep.total - sel.total == 60 * 2 * t * 8 * hid * 2
+
+
+# --- all-to-all -------------------------------------------------------------------------------------
+def _ep_worker(rank: int, world: int, path: str) -> None:
+    """Tiny preset on a real gloo world with ep = world, forced balanced routing, one micro-batch: the bytes of
+    every all-to-all of token rows, forward and backward, as the collective op received them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from models.moe import forced_balanced_routing
+    from parallel import ParallelDims, build_mesh, dispatch_bytes, parallelize
+
+    torch.set_num_threads(1)
+    a2a = torch.ops._c10d_functional.all_to_all_single.default
+    seen = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is a2a:
+                seen[phase[0]] += args[0].numel() * args[0].element_size()
+            return func(*args, **(kwargs or {}))
+
+    cfg = preset("tiny")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    parallelize(model, build_mesh(ParallelDims(world, world, world), "cpu"))
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    model.train()
+    torch.manual_seed(rank)
+    x, y = torch.randint(0, cfg.vocab_size, (2, 32)), torch.randint(0, cfg.vocab_size, (2, 32))
+    with forced_balanced_routing(model), Count():
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.balance_loss
+        phase[0] = "backward"
+        loss.backward()
+    res = torch.tensor([float(dispatch_bytes(model)), float(seen["forward"]), float(seen["backward"])])
+    if rank == 0:
+        torch.save(res, path)
+
+
+def test_all_to_all_balanced_matches_gloo_ep(tmp_path: Path) -> None:
+    """The planner's balanced all-to-all bytes equal what a real world-2, ep-2 gloo run of the tiny preset
+    hands to the collective (forced balanced routing): one forward (= dispatch_bytes) and the whole step."""
+    run_ranks(_ep_worker, 2, str(tmp_path / "bytes.pt"))
+    dispatch, fwd, bwd = torch.load(tmp_path / "bytes.pt").tolist()
+    plan = make_plan(preset("tiny"), 32, Layout(gpus=2, ep=2, compute_dtype="fp32"),
+                     batch=Batch(micro_batch=2, activation_checkpointing="none"))
+    a2a = plan["communication"]["all_to_all"]
+    assert a2a["forward_bytes_through_collective_per_micro_batch"] == dispatch == fwd
+    assert a2a["balanced"]["bytes_through_collective"] == fwd + bwd
+    assert a2a["balanced"]["bytes_on_wire"] == (fwd + bwd) / 2  # ep 2: half of each rank's rows stay home
+
+
+def test_expert_load_profile_and_skew() -> None:
+    """The shipped profile is a real tiny run's shares; the busiest-rank factor by hand; a balanced load is 1x;
+    stretching a profile to more experts keeps each expert's load relative to the mean."""
+    prof = load_expert_profile(DEFAULT_PROFILE)
+    assert len(prof) >= 10 and all(len(s) == 8 and abs(sum(s) - 1) < 1e-9 for s in prof)
+    assert "python -m train --config configs/tiny.yaml" in json.loads(DEFAULT_PROFILE.read_text())["note"]
+    s = prof[0]
+    p0, p1 = sum(s[:4]), sum(s[4:])  # ep 2: experts 0-3 on rank 0, 4-7 on rank 1
+    assert busiest_factor(s, 8, 2) == pytest.approx(max(p0, p1, 1 - p0, 1 - p1) / 0.5)
+    assert busiest_factor([1 / 8] * 8, 8, 2) == pytest.approx(1.0)
+    assert busiest_factor([1 / 8] * 8, 384, 64) == pytest.approx(1.0)
+    wide = resample_shares(s, 384)
+    assert sum(wide) == pytest.approx(1) and max(wide) * 384 == pytest.approx(max(s) * 8)
+    assert rank_shares(wide, 64)[0] == pytest.approx(s[0] / 8)  # 6 experts per rank, 48 per measured expert
+
+
+@pytest.mark.slow
+def test_skew_from_a_real_tiny_run(tmp_path: Path) -> None:
+    """A few real steps of the tiny preset log per-expert shares; the planner reads that metrics.jsonl and its
+    skewed all-to-all is the balanced one times the busiest-rank factor averaged over the logged shares."""
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "train", "--config", "configs/tiny.yaml", "train.steps=3",
+                          "train.eval_interval=0", "optim.warmup_steps=1", "logging.expert_load_interval=1",
+                          f"train.out_dir={out}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = out / "metrics.jsonl"
+    shares = load_expert_profile(metrics)
+    assert len(shares) == 3 * 3  # 3 steps x 3 MoE layers
+    plan = make_plan(preset("tiny"), 128, Layout(gpus=2, ep=2), batch=Batch(micro_batch=8), expert_load=metrics)
+    a2a = plan["communication"]["all_to_all"]
+    factor = sum(busiest_factor(s, 8, 2) for s in shares) / len(shares)
+    assert factor > 1
+    assert a2a["skewed"]["busiest_rank_bytes_on_wire"] == pytest.approx(a2a["balanced"]["bytes_on_wire"] * factor)
+
+
+# --- step time --------------------------------------------------------------------------------------
+def test_step_time_k2_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
+    """k2-1t at 2048 GPUs, ep 64: each term from the figures the output names."""
+    assert main(["--config", str(ROOT / "configs" / "k2-1t.yaml"), "--gpus", "2048", "--ep", "64", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    cfg, hw = preset("k2-1t"), Hardware()
+    assert plan["batch"]["micro_batches_per_rank"] == 16384 // 2048 == 8
+    tokens = 8 * 4096
+    assert plan["compute"]["seconds"] == pytest.approx(flops_per_token(cfg, 4096) * tokens / (989e12 * 0.4))
+    # all-to-all: 4 calls per MoE layer and micro-batch of tokens*k bf16 rows; 56 of 63 peers off the node
+    phase = 4096 * 8 * 7168 * 2 * 63 / 64
+    a2a = plan["communication"]["all_to_all"]
+    assert a2a["balanced"]["seconds"] == pytest.approx(4 * 60 * 8 * phase * 56 / 63 / 50e9)
+    assert a2a["skewed"]["seconds"] > a2a["balanced"]["seconds"]
+    # FSDP: experts (E/ep per rank) all-gathered twice per micro-batch over 32 ranks, bf16, at 50 GB/s
+    pc = count_params(cfg)
+    experts = pc.breakdown["routed_experts"]
+    dense = pc.total - experts
+    root = pc.breakdown["embedding"] + pc.breakdown["lm_head"] + 7168  # + the final norm: gathered once
+    fs = plan["communication"]["fsdp"]
+    assert (fs["dense_group"], fs["expert_group"]) == (2048, 32)
+    gather = 8 * ((2 * (dense - root) + root) * 2 * 2047 / 2048 + 2 * experts / 64 * 2 * 31 / 32)
+    scatter = dense * 4 * 2047 / 2048 + experts / 64 * 4 * 31 / 32  # fp32, once per step (grad_sync: step)
+    assert fs["all_gather_bytes"] == pytest.approx(gather) and fs["reduce_scatter_bytes"] == pytest.approx(scatter)
+    assert fs["seconds"] == pytest.approx((gather + scatter) / 50e9)
+    # Newton-Schulz: the planner's count is optim's, over every Muon matrix, split over all GPUs
+    from optim.distributed_ns import ns_flops as optim_ns_flops
+
+    for shape in ((384, 2048, 7168), (7168, 2048), (1536, 7168), (64 * 192, 1536)):
+        assert ns_flops(shape) == optim_ns_flops(shape)
+    assert plan["newton_schulz"]["flops_per_rank"] == pytest.approx(plan["newton_schulz"]["flops_total"] / 2048)
+    expert_ns = 60 * 3 * 384 * ns_flops((2048, 7168))
+    assert expert_ns < plan["newton_schulz"]["flops_total"] < 1.1 * expert_ns
+    st = plan["step_time"]["balanced"]
+    parts = plan["compute"]["seconds"], fs["seconds"], a2a["balanced"]["seconds"], plan["newton_schulz"]["seconds"]
+    assert st["serial_seconds"] == pytest.approx(sum(parts))
+    assert st["overlapped_seconds"] == pytest.approx(max(parts[0], parts[1]) + parts[2] + parts[3])
+    assert plan["hardware"]["peak_flops"] == hw.peak_flops and len(plan["hardware"]["assumptions"]) >= 5
+    # 8 micro-batches, one reduce-scatter: FSDP2 keeps the unsharded fp32 gradients of all it gathers between them
+    assert plan["fit"]["parts"]["unsharded_grad_accumulation"] == pytest.approx((dense + experts / 64) * 4)
+    # selective recompute at micro-batch 1 x 4096 with 61 layers on one GPU does not fit 141 GB
+    assert plan["fit"]["parts"]["activations"] == plan["activations"]["selective"]["bytes"]
+    assert not plan["fit"]["devices"]["H200"]["fits"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "4", "--ep", "2", "--global-batch", "12"], "global batch 12 is not a multiple of --gpus x "
+                                                               "--micro-batch = 4 x 8 = 32"),
+        (["--gpus", "12", "--ep", "2", "--global-batch", "96"], "--gpus 12 spans more than one node of 8 GPUs"),
+        (["--gpus", "2", "--micro-batch", "0"], "--micro-batch must be >= 1"),
+        (["--gpus", "2", "--ep", "2", "--expert-load", "/nonexistent.json"], "--expert-load: file not found"),
+        (["--gpus", "2", "--mfu", "1.5"], "--mfu must lie in (0, 1]"),
+    ],
+)
+def test_cli_refuses_layout(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

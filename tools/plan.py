@@ -534,8 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout(gpus=args.gpus, ep=ep, optimizer=args.optimizer or inp.optimizer or "adamw",
                         param_dtype=args.param_dtype, grad_dtype=args.grad_dtype,
                         optim_dtype=args.optim_dtype, compute_dtype=args.compute_dtype)
-        batch = Batch(micro_batch=args.micro_batch or inp.micro_batch or 1,
-                      global_batch=args.global_batch or inp.global_batch,
+        def given(flag: int | None, config: int | None, default: int | None) -> int | None:
+            return flag if flag is not None else config if config is not None else default
+
+        batch = Batch(micro_batch=given(args.micro_batch, inp.micro_batch, 1),
+                      global_batch=given(args.global_batch, inp.global_batch, None),
                       activation_checkpointing=args.activation_checkpointing or inp.activation_checkpointing
                       or "selective",
                       grad_sync=args.grad_sync or inp.grad_sync or "step", ns_steps=inp.ns_steps or 5)

@@ -85,10 +85,15 @@ def layout_sections(model: nn.Module, cfg: ModelConfig, seq_len: int, layout: An
     est["all_to_all"]["skewed"]["profile"] = profile_source
 
     held = acts[batch.activation_checkpointing]
-    need = state_bytes + held["bytes"] + held["recompute_block_transient"] + gathered_bytes
+    # Gradient accumulation without a reduce-scatter per micro-batch: FSDP2 keeps each gathered weight's
+    # unsharded gradient (in the fp32 reduce dtype) from one micro-batch to the next.
+    accum = 0.0
+    if batch.grad_sync == "step" and micro > 1 and layout.gpus > 1:
+        accum = (counts["dense"] + counts["experts"] / layout.ep) * 4
+    need = state_bytes + held["bytes"] + held["recompute_block_transient"] + gathered_bytes + accum
     fit = {"bytes": need, "parts": {"state": state_bytes, "activations": held["bytes"],
                                     "recompute_transient": held["recompute_block_transient"],
-                                    "largest_gather": gathered_bytes},
+                                    "largest_gather": gathered_bytes, "unsharded_grad_accumulation": accum},
            "devices": {name: {"memory_bytes": mem, "fits": need <= mem} for name, mem in hw.memory.items()}}
     return {
         "batch": {**asdict(batch), "global_batch": gb, "micro_batches_per_rank": micro,
@@ -207,9 +212,14 @@ def format_layout(plan: dict[str, Any], w: int = 44) -> list[str]:
 
     fit = plan["fit"]
     p = fit["parts"]
-    lines.append(f"Fit per GPU ({act['policy']} recompute): state {_bytes(p['state'])} + activations "
-                 f"{_bytes(p['activations'])} + recompute {_bytes(p['recompute_transient'])} + largest gather "
-                 f"{_bytes(p['largest_gather'])} = {_bytes(fit['bytes'])}")
+    lines.append(f"{'Fit per GPU (' + act['policy'] + ' recompute)':<{w}}{'bytes':>22}")
+    for label, key in (("state (weights, grads, optimizer)", "state"), ("activations, one micro-batch", "activations"),
+                       ("one block recomputed in backward", "recompute_transient"),
+                       ("largest FSDP unit gathered", "largest_gather"),
+                       ("unsharded fp32 grads, grad accumulation", "unsharded_grad_accumulation")):
+        if p[key]:
+            lines.append(f"  {label:<{w - 2}}{_bytes(p[key]):>22}")
+    lines.append(f"  {'total':<{w - 2}}{_bytes(fit['bytes']):>22}")
     lines.append("  " + "; ".join(f"{name} {d['memory_bytes'] / 1e9:g} GB: {'fits' if d['fits'] else 'does NOT fit'}"
                                   for name, d in fit["devices"].items())
                  + " (no allowance for CUDA context, NCCL buffers, fragmentation)")
