@@ -234,3 +234,30 @@ def test_plan_ownership_at_k2_scale() -> None:
     for r in loads.values():
         # received to assemble = what it owns minus what it holds (the minimum); never a whole expert stack
         assert r.gather_bytes < stack_bytes and r.return_bytes <= r.held_bytes
+
+
+def test_runs_on_a_fake_process_group_as_one_rank_of_64() -> None:
+    """What a simulated world does: one process plays rank 13 of 64 (ep 8, so expert stacks are (Shard(1),
+    Shard(0)) on (8, 8)) on torch's fake process group. The collectives return at once (values are garbage),
+    but what the rank sends, receives and computes equals the plan's figures for it."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    world, ep, rank = 64, 8, 13
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        mesh = build_mesh(ParallelDims(world, world, ep), "cpu")
+        updates = []
+        for _ in range(3):  # a layer: an expert stack [16, 64, 32] (2 experts per rank, rows over 8) + a dense
+            updates.append(DTensor.from_local(torch.zeros(2, 8, 32), mesh, (Shard(1), Shard(0)), run_check=False,
+                                              shape=(16, 64, 32), stride=(64 * 32, 32, 1)))
+            updates.append(DTensor.from_local(torch.zeros(1, 48), mesh["dp"], (Shard(0),), run_check=False,
+                                              shape=(64, 48), stride=(48, 1)))
+        stats = NSStats()
+        out = orthogonalize(updates, lambda x: x.clone(), stats=stats)
+        assert [o.to_local().shape for o in out] == [u.to_local().shape for u in updates]
+        load = plan_ownership([layout_of(u) for u in updates]).per_rank()[rank]
+        assert stats.collectives == 4  # two keys: the dp_mod_ep group, the dp group
+        assert (stats.local_flops, stats.bytes_received_gather) == (load.flops, load.gather_bytes)
+        assert stats.bytes_received == load.gather_bytes + load.return_bytes
+    finally:
+        dist.destroy_process_group()
