@@ -309,61 +309,86 @@ def test_activation_memory_by_hand() -> None:
     none, sel = activation_memory(cfg, 1, 4096, "none"), activation_memory(cfg, 1, 4096, "selective")
     assert full.total < sel.total < none.total
     assert sel.recompute_block == full.recompute_block == none.moe_layer and none.recompute_block == 0
-    # Expert parallelism adds, under selective only, the two all-to-all outputs per MoE layer.
-    sel_ep = activation_memory(cfg, 1, 4096, "selective", ep=64)
-    assert sel_ep.total - sel.total == 60 * 2 * t * 8 * hid * 2
 
 
 # --- all-to-all -------------------------------------------------------------------------------------
-def _ep_worker(rank: int, world: int, path: str) -> None:
-    """Tiny preset on a real gloo world with ep = world, forced balanced routing, one micro-batch: the bytes of
-    every all-to-all of token rows, forward and backward, as the collective op received them."""
+def _ep_worker(rank: int, world: int, path: str, policies: list[str]) -> None:
+    """Tiny preset on a real gloo world with ep = world, forced balanced routing, one micro-batch, under each
+    recompute policy: dispatch_bytes, the bytes of every all-to-all of token rows as the collective op received
+    them (forward; backward, recompute included), and the activation bytes the forward left (EP + checkpointing,
+    no FSDP: its gathered root weights would count as activations)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from models.moe import forced_balanced_routing
     from parallel import ParallelDims, build_mesh, dispatch_bytes, parallelize
+    from parallel.expert_parallel import apply_expert_parallel
+    from parallel.fsdp import apply_activation_checkpointing
+    from tools.plan_activations import measure_forward_bytes
 
     torch.set_num_threads(1)
     a2a = torch.ops._c10d_functional.all_to_all_single.default
-    seen = {"forward": 0, "backward": 0}
-    phase = ["forward"]
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            if func is a2a:
-                seen[phase[0]] += args[0].numel() * args[0].element_size()
-            return func(*args, **(kwargs or {}))
-
     cfg = preset("tiny")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    parallelize(model, build_mesh(ParallelDims(world, world, world), "cpu"))
-    model.to_empty(device="cpu")
-    model.init_weights(seed=0)
-    model.train()
+    mesh = build_mesh(ParallelDims(world, world, world), "cpu")
     torch.manual_seed(rank)
     x, y = torch.randint(0, cfg.vocab_size, (2, 32)), torch.randint(0, cfg.vocab_size, (2, 32))
-    with forced_balanced_routing(model), Count():
-        out = model(x)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.balance_loss
-        phase[0] = "backward"
-        loss.backward()
-    res = torch.tensor([float(dispatch_bytes(model)), float(seen["forward"]), float(seen["backward"])])
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.phase, self.seen = "forward", {"forward": 0, "backward": 0}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is a2a:
+                self.seen[self.phase] += args[0].numel() * args[0].element_size()
+            return func(*args, **(kwargs or {}))
+
+    res = {}
+    for policy in policies:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        parallelize(model, mesh, activation_checkpointing=policy)
+        model.to_empty(device="cpu")
+        model.init_weights(seed=0)
+        model.train()
+        with forced_balanced_routing(model), Count() as count:
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.balance_loss
+            count.phase = "backward"
+            loss.backward()
+        first_forward = dispatch_bytes(model) // (1 if policy == "none" else 2)  # it counts recomputes too
+
+        with torch.device("meta"):
+            bare = Transformer(cfg)
+        apply_expert_parallel(bare, mesh["ep"])
+        apply_activation_checkpointing(bare, policy)
+        bare.to_empty(device="cpu")
+        bare.init_weights(seed=0)
+        bare.train()
+        with forced_balanced_routing(bare):
+            held = measure_forward_bytes(bare, x, y)
+        res[policy] = [first_forward, count.seen["forward"], count.seen["backward"], held]
     if rank == 0:
         torch.save(res, path)
 
 
-def test_all_to_all_balanced_matches_gloo_ep(tmp_path: Path) -> None:
-    """The planner's balanced all-to-all bytes equal what a real world-2, ep-2 gloo run of the tiny preset
-    hands to the collective (forced balanced routing): one forward (= dispatch_bytes) and the whole step."""
-    run_ranks(_ep_worker, 2, str(tmp_path / "bytes.pt"))
-    dispatch, fwd, bwd = torch.load(tmp_path / "bytes.pt").tolist()
-    plan = make_plan(preset("tiny"), 32, Layout(gpus=2, ep=2, compute_dtype="fp32"),
-                     batch=Batch(micro_batch=2, activation_checkpointing="none"))
-    a2a = plan["communication"]["all_to_all"]
-    assert a2a["forward_bytes_through_collective_per_micro_batch"] == dispatch == fwd
-    assert a2a["balanced"]["bytes_through_collective"] == fwd + bwd
-    assert a2a["balanced"]["bytes_on_wire"] == (fwd + bwd) / 2  # ep 2: half of each rank's rows stay home
+@pytest.mark.parametrize("policies", [["none"], pytest.param(["selective", "full"], marks=pytest.mark.slow)])
+def test_expert_parallel_bytes_match_gloo_ep(tmp_path: Path, policies: list[str]) -> None:
+    """The planner's balanced all-to-all bytes equal what a real world-2, ep-2 gloo run of the tiny preset (fp32,
+    forced balanced routing) hands to the collective, forward (= dispatch_bytes) and backward, under each
+    recompute policy (selective re-sends the forward's rows in its recompute, as full does); and its activation
+    count equals what the expert-parallel forward leaves for the backward."""
+    run_ranks(_ep_worker, 2, str(tmp_path / "bytes.pt"), policies)
+    measured = torch.load(tmp_path / "bytes.pt")
+    cfg = preset("tiny")
+    for policy in policies:
+        dispatch, fwd, bwd, held = measured[policy]
+        plan = make_plan(cfg, 32, Layout(gpus=2, ep=2, compute_dtype="fp32"),
+                         batch=Batch(micro_batch=2, activation_checkpointing=policy))
+        a2a = plan["communication"]["all_to_all"]
+        assert a2a["forward_bytes_through_collective_per_micro_batch"] == dispatch == fwd, policy
+        assert a2a["balanced"]["bytes_through_collective"] == fwd + bwd, policy
+        assert a2a["balanced"]["bytes_on_wire"] == (fwd + bwd) / 2  # ep 2: half of each rank's rows stay home
+        counted = activation_memory(cfg, 2, 32, policy, 4, ep=2).total
+        assert counted == pytest.approx(held, rel=0.15) and abs(counted - held) <= 64, (policy, counted, held)
 
 
 def test_expert_load_profile_and_skew() -> None:
@@ -411,10 +436,12 @@ def test_step_time_k2_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan["batch"]["micro_batches_per_rank"] == 16384 // 2048 == 8
     tokens = 8 * 4096
     assert plan["compute"]["seconds"] == pytest.approx(flops_per_token(cfg, 4096) * tokens / (989e12 * 0.4))
-    # all-to-all: 4 calls per MoE layer and micro-batch of tokens*k bf16 rows; 56 of 63 peers off the node
+    # all-to-all: 6 calls per MoE layer and micro-batch (dispatch, combine; again in selective's recompute;
+    # backward) of tokens*k bf16 rows; 56 of the 63 peers are off the node
     phase = 4096 * 8 * 7168 * 2 * 63 / 64
     a2a = plan["communication"]["all_to_all"]
-    assert a2a["balanced"]["seconds"] == pytest.approx(4 * 60 * 8 * phase * 56 / 63 / 50e9)
+    assert a2a["phases_per_step"] == 6 * 60 * 8
+    assert a2a["balanced"]["seconds"] == pytest.approx(6 * 60 * 8 * phase * 56 / 63 / 50e9)
     assert a2a["skewed"]["seconds"] > a2a["balanced"]["seconds"]
     # FSDP: experts (E/ep per rank) all-gathered twice per micro-batch over 32 ranks, bf16, at 50 GB/s
     pc = count_params(cfg)

@@ -64,8 +64,8 @@ def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, policy: 
                       ep: int = 1, training: bool = True) -> ActivationEstimate:
     """Analytic activation bytes of one micro-batch of `micro_batch` x `seq_len` tokens under `policy`, with
     activations in `compute_bytes` (2: bf16, FSDP2's param_dtype; 4: fp32). Routing is assumed balanced and
-    dropless (each rank's grouped GEMMs see tokens * k copies); `ep` > 1 adds, under `selective`, the two
-    all-to-all outputs per MoE layer that selective checkpointing keeps."""
+    dropless (each rank's grouped GEMMs see tokens * k copies); `ep` > 1 adds, under `none`, one more copy of
+    the routed rows and two int64 orders per MoE layer (measured on a gloo expert-parallel run)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got '{policy}'")
     c = compute_bytes
@@ -122,6 +122,8 @@ def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, policy: 
             moe["FFN input"] = t * hid * c
         if cfg.n_shared_experts:
             moe["shared expert gate, silu, up, product"] = 4 * t * shared_i * c
+        if ep > 1:  # measured on a gloo EP run (tests): one more row copy around the all-to-all, 2 regroup orders
+            moe["EP: token rows around the all-to-all, regroup orders"] = n * hid * c + 2 * n * INT64
     else:
         attn["block input (kept by the checkpoint)"] = t * hid * c
         if policy == "selective":
@@ -138,8 +140,8 @@ def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, policy: 
             moe["expert gate, up, down (grouped GEMM outputs)"] = 2 * n * moe_i * c + n * hid * c
             if cfg.n_shared_experts:
                 moe["shared gate, up, down (mm outputs)"] = 2 * t * shared_i * c + t * hid * c
-            if ep > 1:
-                moe["all-to-all outputs (dispatch, combine)"] = 2 * n * hid * c
+            # ep > 1 adds nothing: selective checkpointing does not keep the autograd all-to-all's output (a
+            # gloo EP run shows it re-sent in the recompute), so it holds no token rows across the exchange
 
     dense_layer = sum(attn.values()) + sum(dense.values())
     moe_layer = sum(attn.values()) + sum(moe.values())
@@ -203,8 +205,14 @@ def measure_activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, p
     apply_activation_checkpointing(model, policy)
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
-    targets = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
+    return measure_forward_bytes(model, ids, torch.randint(0, cfg.vocab_size, (micro_batch, seq_len)))
+
+
+def measure_forward_bytes(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> int:
+    """`measure_activation_bytes` for a model already built and wrapped (e.g. expert-parallel on a real
+    process group): bytes alive after `model(ids)` and the loss, parameters, buffers and inputs excluded."""
     held = [t.untyped_storage() for t in (*model.parameters(), *model.buffers(), ids, targets)]
+    held += [t.to_local().untyped_storage() for t in model.parameters() if hasattr(t, "to_local")]
     tracker = _StorageTracker({id(st) for st in held})
     with tracker:
         out = model(ids)
