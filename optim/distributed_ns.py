@@ -574,7 +574,7 @@ def _exchange(tensors: list[int], us: list[DTensor], locals_: list[torch.Tensor]
         for k in range(len(mats)):
             for pos, r in enumerate(info.groups[gi]):
                 if r != me:
-                    send[pg_rank(r)].append(_extract(outputs[t][k], *info.pieces[pos]).reshape(-1))
+                    send[pg_rank(r)].append(_extract(outputs[t][k], *info.pieces[pos]).reshape(-1).to(first.dtype))
     back_sizes = [0] * size
     for t, _, o in held_elsewhere:
         info = plan.infos[t]

@@ -22,13 +22,13 @@ OPTIM = {"name": "muon", "lr": 0.02, "weight_decay": 0.1, "ns_dtype": "float32",
 STEPS = 2
 
 
-def _cfg(experts: int) -> dict:
-    return {**CFG, "n_routed_experts": experts}
+def _cfg(experts: int, layers: int = CFG["num_hidden_layers"]) -> dict:
+    return {**CFG, "n_routed_experts": experts, "num_hidden_layers": layers}
 
 
-def _single_process(path: Path, experts: int) -> dict:
+def _single_process(path: Path, experts: int, layers: int) -> dict:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**_cfg(experts)))
+    model = Transformer(ModelConfig(**_cfg(experts, layers)))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randint(0, 96, (BATCH, 16)), torch.randint(0, 96, (BATCH, 16))
     opt = build_optimizer(model, OPTIM)
@@ -44,10 +44,10 @@ def _no_gather(*args, **kwargs):
     raise AssertionError("full_tensor() called on the optimizer path")
 
 
-def _worker(rank: int, world: int, ep: int, experts: int, ref_path: str, out_path: str) -> None:
+def _worker(rank: int, world: int, ep: int, experts: int, layers: int, ref_path: str, out_path: str) -> None:
     ref = torch.load(ref_path)
     with torch.device("meta"):
-        model = Transformer(ModelConfig(**_cfg(experts)))
+        model = Transformer(ModelConfig(**_cfg(experts, layers)))
     parallelize(model, build_mesh(ParallelDims(world, world, ep), "cpu"))
     model.to_empty(device="cpu")
     model.init_weights()
@@ -86,16 +86,17 @@ def _worker(rank: int, world: int, ep: int, experts: int, ref_path: str, out_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,ep,experts,collectives", [
-    (2, 1, 8, 2),  # dense Shard(0) over dp; experts whole per rank: 1 key
-    (4, 1, 8, 2),
-    (4, 2, 8, 2),  # experts (_StridedShard(0), Shard(0)): whole experts per rank, no communication
-    (4, 2, 2, 4),  # experts (Shard(1), Shard(0)): 1 local expert < dp_mod_ep 2, rows split: a second key
+@pytest.mark.parametrize("world,ep,experts,layers,collectives", [
+    (2, 1, 8, 3, 2),  # dense Shard(0) over dp; experts whole per rank: 1 key
+    (4, 1, 8, 3, 2),
+    (4, 2, 8, 3, 2),  # experts (_StridedShard(0), Shard(0)): whole experts per rank, no communication
+    (4, 2, 2, 3, 4),  # experts (Shard(1), Shard(0)): 1 local expert < dp_mod_ep 2, rows split: a second key
+    (4, 2, 2, 5, 4),  # twice the MoE layers, the same collectives
 ])
-def test_distributed_muon_steps_equal_single_process(tmp_path: Path, world: int, ep: int, experts: int,
+def test_distributed_muon_steps_equal_single_process(tmp_path: Path, world: int, ep: int, experts: int, layers: int,
                                                      collectives: int) -> None:
-    expected = _single_process(tmp_path / "ref.pt", experts)
-    run_ranks(_worker, world, ep, experts, str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"))
+    expected = _single_process(tmp_path / "ref.pt", experts, layers)
+    run_ranks(_worker, world, ep, experts, layers, str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"))
     out = torch.load(tmp_path / "out.pt")
     got, reports = out["state"], out["reports"]
     start = torch.load(tmp_path / "ref.pt")["state"]
