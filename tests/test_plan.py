@@ -489,3 +489,14 @@ def test_cli_refuses_layout(args: list[str], message: str, capsys: pytest.Captur
     assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_config_batch_for_another_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    """A config's global batch that does not split into whole micro-batches on --gpus (DeepSeek-V3's 15360 on
+    2048 GPUs) is planned at the nearest that does, with a note; the same number given as a flag is refused."""
+    dsv3 = str(ROOT / "configs" / "deepseek-v3-671b.yaml")
+    assert main(["--config", dsv3, "--gpus", "2048", "--ep", "64", "--json"]) == 0
+    batch = json.loads(capsys.readouterr().out)["batch"]
+    assert (batch["global_batch"], batch["micro_batches_per_rank"]) == (16384, 8) and "15360" in batch["note"]
+    assert main(["--config", dsv3, "--gpus", "2048", "--ep", "64", "--global-batch", "15360"]) == 2
+    assert "global batch 15360 is not a multiple of --gpus x --micro-batch = 2048 x 1" in capsys.readouterr().err

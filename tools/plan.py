@@ -31,6 +31,7 @@ optim.name, parallel.ep), not train/config.py's full schema.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -542,6 +543,14 @@ def main(argv: list[str] | None = None) -> int:
                       activation_checkpointing=args.activation_checkpointing or inp.activation_checkpointing
                       or "selective",
                       grad_sync=args.grad_sync or inp.grad_sync or "step", ns_steps=inp.ns_steps or 5)
+        step = args.gpus * batch.micro_batch
+        if args.global_batch is None and batch.global_batch and step > 0 and batch.global_batch % step:
+            # the config's batch was sized for another layout (e.g. DeepSeek-V3's 15360 with pipeline stages):
+            # plan the nearest whole number of micro-batches per rank, and say so
+            fitted = max(1, int(batch.global_batch / step + 0.5)) * step
+            batch = dataclasses.replace(batch, global_batch=fitted, note=(
+                f"train.global_batch_size={batch.global_batch} is not a multiple of --gpus x --micro-batch = "
+                f"{step}; planned with {fitted} (set --global-batch to choose)"))
         if args.gpus_per_node < 1:
             raise PlanError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
         hardware = Hardware(mfu=args.mfu, gpus_per_node=args.gpus_per_node)

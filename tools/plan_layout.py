@@ -24,6 +24,7 @@ class Batch:
     activation_checkpointing: str = "selective"
     grad_sync: str = "step"
     ns_steps: int = 5
+    note: str = ""  # how the batch was chosen, when not as given
 
 
 def ns_flops(shape: tuple[int, ...], steps: int = 5) -> int:
@@ -136,7 +137,10 @@ def format_layout(plan: dict[str, Any], w: int = 44) -> list[str]:
     bt, act, com, lay = plan["batch"], plan["activations"], plan["communication"], plan["layout"]
     lines = [f"Batch: micro-batch {bt['micro_batch']} x {plan['seq_len']} = {bt['tokens_per_micro_batch']:,} tokens"
              f" per rank; global batch {bt['global_batch']:,} -> {bt['micro_batches_per_rank']} micro-batch(es) "
-             f"per rank per step; grad sync per {bt['grad_sync'].replace('_', '-')}", ""]
+             f"per rank per step; grad sync per {bt['grad_sync'].replace('_', '-')}"]
+    if bt["note"]:
+        lines.append(f"  note: {bt['note']}")
+    lines.append("")
 
     lines.append(f"{'Activation memory per micro-batch':<{w}}{'per GPU':>22}{'dense / MoE layer':>24}")
     for policy in POLICIES:
