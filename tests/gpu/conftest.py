@@ -1,0 +1,49 @@
+"""Marks every test under tests/gpu `gpu` and skips it without a CUDA device.
+
+`CHOGORI_GPU_TESTS_DEVICE=cpu` is an opt-in dry run of the suite's logic on CPU (for developing it on a machine
+without a GPU): the device-generic tests then run on CPU, and the ones that only mean something on CUDA (flex
+attention's max scores, two GPUs) skip with their reason. The Triton test dry-runs only under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICE_ENV = "CHOGORI_GPU_TESTS_DEVICE"
+HERE = Path(__file__).resolve().parent
+
+
+def dry_run() -> bool:
+    """True when the suite is asked to run on CPU (CHOGORI_GPU_TESTS_DEVICE=cpu)."""
+    value = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if value not in ("", "cuda", "cpu"):
+        raise pytest.UsageError(f"{DEVICE_ENV} must be 'cuda' (the default) or 'cpu', got {value!r}")
+    return value == "cpu"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selection reads the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = None
+    if not dry_run() and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason=f"needs a CUDA device (or {DEVICE_ENV}=cpu for a CPU dry run)")
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.gpu)
+            if skip is not None:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the suite runs on: cuda (the current device), or cpu in a dry run."""
+    return torch.device("cpu") if dry_run() else torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of the builtin corpus for every trainer run of the session (tokenized once)."""
+    return tmp_path_factory.mktemp("corpus-cache")
