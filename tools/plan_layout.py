@@ -127,6 +127,8 @@ def _flops(n: float) -> str:
 
 
 def _secs(s: float) -> str:
+    if s == 0:
+        return "0"
     if s < 1e-3:
         return f"{s * 1e6:.1f} us"
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
@@ -166,7 +168,8 @@ def format_layout(plan: dict[str, Any], w: int = 44) -> list[str]:
         bal, sk = a2a["balanced"], a2a["skewed"]
         lines += [
             f"  {'all-to-all calls':<{w - 2}}{a2a['phases_per_step']:>22,}"
-            "  (dispatch + combine, fwd + bwd, per MoE layer and micro-batch)",
+            f"  ({'4' if act['policy'] == 'none' else '6'} per MoE layer and micro-batch: dispatch + combine in "
+            f"the forward{'' if act['policy'] == 'none' else ', again in the recompute'}, and in the backward)",
             f"  {'through the collective, balanced':<{w - 2}}"
             f"{_bytes(bal['bytes_through_collective']):>22}  (own chunk included)",
             f"  {'on the wire, balanced':<{w - 2}}{_bytes(bal['bytes_on_wire']):>22}"
@@ -194,8 +197,8 @@ def format_layout(plan: dict[str, Any], w: int = 44) -> list[str]:
     hw = plan["hardware"]
     lines.append(f"{'Step time, H100 / H200 (same figures)':<{w}}{'balanced':>22}{'skewed':>14}")
     rows = [
-        (f"compute ({_flops(cp['model_flops'])} model"
-         + (f" + {_flops(cp['recompute_flops'])} recompute" if cp["recompute_flops"] else "") + ")",
+        (f"compute ({_flops(cp['model_flops'])}"
+         + (f" + {_flops(cp['recompute_flops'])[:-6]} re-run" if cp["recompute_flops"] else " model") + ")",
          cp["seconds"], cp["seconds"]),
         ("EP all-to-all (NVLink / network)", com["all_to_all"]["balanced"]["seconds"],
          com["all_to_all"]["skewed"]["seconds"]),
