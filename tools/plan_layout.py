@@ -213,6 +213,10 @@ def format_layout(plan: dict[str, Any], w: int = 44) -> list[str]:
     for key, label, fmt in (("tokens_per_s_per_gpu", "tokens/s per GPU (overlapped)", "{:,.0f}"),
                             ("mfu", "MFU (overlapped)", "{:.1%}")):
         lines.append(f"  {label:<{w - 2}}{fmt.format(st['balanced'][key]):>22}{fmt.format(st['skewed'][key]):>14}")
+    achieved = f"{hw['peak_flops'] / 1e12:g} TFLOP/s x {hw['mfu']:.0%}"
+    lines.append(f"  figures used: compute and Newton-Schulz at {achieved}; all-to-all at NVLink "
+                 f"{hw['nvlink_bytes_s'] / 1e9:g} GB/s (node-local peers) and {hw['network_bytes_s'] / 1e9:g} GB/s "
+                 f"(the rest); FSDP and NS gathers at {fs['bandwidth_bytes_s'] / 1e9:g} GB/s")
     lines.append("  assumptions:")
     lines += [f"    - {a}" for a in hw["assumptions"]]
     lines.append("")
