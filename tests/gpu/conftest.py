@@ -37,6 +37,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_process_group() -> None:
+    """A default process group left initialized by an earlier test module (a gloo one from a CPU test, say) would
+    be taken over by the next Trainer on CUDA: start every test here without one. The suite's own trainers leave
+    theirs (Trainer.close)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """The device the suite runs on: cuda (the current device), or cpu in a dry run."""

@@ -61,7 +61,9 @@ def test_flex_max_logits_and_output_equal_dense_reference(device, dtype, docs, d
     randomize_(eager, seed=3, std=0.15)
     fused = MLAttention(layer_config("sdpa", HEAD_DIMS[dims]))
     fused.load_state_dict(eager.state_dict())
-    eager, fused = eager.to(device, dtype), fused.to(device, dtype)
+    for layer in (eager, fused):  # weights in `dtype`, the max-logit buffer fp32 (as under FSDP2's bf16 policy)
+        layer.to(device, dtype)
+        layer.max_logit = layer.max_logit.float()
     rope = RotaryEmbedding(eager.cfg).to(device)(torch.arange(seq, device=device), dtype)
     b = 2
     rtol_max, rtol_out = TOLERANCES[dtype]
