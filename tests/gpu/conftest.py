@@ -8,6 +8,7 @@ attention's max scores, two GPUs) skip with their reason. The Triton test dry-ru
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,16 @@ def no_leftover_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def loud_recompile_limit() -> Iterator[None]:
+    """flex_attention is compiled for static shapes (models/attention.py), so each new shape, dtype or mask layout
+    is one more compiled entry of the same function, and this suite makes more than dynamo's limit of 8 in one
+    session; past it dynamo would silently run eager flex_attention (the unfused reference, not the kernel under
+    test). Allow 64, and fail rather than fall back."""
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        yield
 
 
 @pytest.fixture(scope="session")
