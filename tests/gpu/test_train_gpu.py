@@ -24,7 +24,7 @@ BF16_LOSS_RTOL = 0.02
 
 def assert_falls(curve: list[float], by: float = 1.5) -> None:
     """Finite, and the mean of the last three steps at least `by` nats below the first step (the tiny preset
-    starts near ln(320) = 5.8; its bytes' unigram entropy alone is below 4)."""
+    starts near ln(320) = 5.8; the CPU dry run's shrunk runs fall by 2.6 in 15 steps, 2.2 in 10)."""
     assert curve and all(math.isfinite(x) for x in curve), curve
     assert sum(curve[-3:]) / 3 < curve[0] - by, curve
 
