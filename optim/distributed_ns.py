@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
@@ -181,8 +182,13 @@ class Layout:
 
 def layout_of(t: DTensor) -> Layout:
     mesh = t.device_mesh
-    return Layout(tuple(t.shape), tuple(int(r) for r in mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
-                  tuple(t.placements), t.element_size())
+    return Layout(tuple(t.shape), _mesh_ranks(mesh), tuple(mesh.mesh.shape), tuple(t.placements), t.element_size())
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_ranks(mesh: DeviceMesh) -> tuple[int, ...]:
+    """The mesh's global ranks, row-major; read once per mesh (a host read of the mesh tensor)."""
+    return tuple(int(r) for r in mesh.mesh.flatten().tolist())
 
 
 @dataclass(frozen=True)

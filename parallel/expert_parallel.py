@@ -20,11 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from models.moe import GroupedExperts
+from models.stats import is_recomputing
 from models.transformer import Transformer
 
 
@@ -62,16 +63,18 @@ class _Dispatcher:
     def __init__(self, group: dist.ProcessGroup, ep: int) -> None:
         self.group, self.ep = group, ep
         self.plan: list[tuple[list[int], list[int], torch.Tensor]] = []
-        # Bytes of token rows this rank's forward dispatch + combine calls exchanged (benchmarks). A forward
-        # re-run by activation checkpointing counts again; backward's all-to-alls are not counted.
+        # Bytes of token rows this rank's forward dispatch + combine calls exchanged (benchmarks). Forwards only:
+        # not a recompute (selective checkpointing replays the kept result; full recompute sends them again, as the
+        # backward's all-to-alls do, neither counted here).
         self.bytes_sent = 0
 
     def dispatch(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         x, counts = args
         with torch.no_grad():
             counts = counts.to(torch.int64)
-            recv = torch.empty_like(counts)
-            dist.all_to_all_single(recv, counts, group=self.group)  # recv[i*El + e]: rank i -> my expert e
+            # recv[i*El + e]: rank i -> my expert e. The functional collective, so that selective checkpointing
+            # keeps its result and a recompute exchanges nothing again (parallel/fsdp.py).
+            recv = all_to_all_single(counts, None, None, self.group).wait()
             recv = recv.view(self.ep, -1)
             # all_to_all_single takes its split sizes as host integers: the dispatch's one device->host wait
             # per MoE layer and forward (a device-side dispatch would remove it; docs/architecture.md).
@@ -81,7 +84,8 @@ class _Dispatcher:
             local_counts = recv.sum(0)
         x_recv = all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, self.group)
         self.plan.append((send_splits, recv_splits, order))
-        self.bytes_sent += (sum(send_splits) + sum(recv_splits)) * x.shape[-1] * x.element_size()
+        if not is_recomputing():
+            self.bytes_sent += (sum(send_splits) + sum(recv_splits)) * x.shape[-1] * x.element_size()
         return x_recv[order], local_counts
 
     def combine(self, module: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,12 @@ _SAVE_OPS = {
 }
 if hasattr(torch.ops.aten, "_grouped_mm"):
     _SAVE_OPS.add(torch.ops.aten._grouped_mm.default)
-if hasattr(torch.ops, "_c10d_functional"):  # never send the tokens twice: keep the all-to-all's result
-    _SAVE_OPS.add(torch.ops._c10d_functional.all_to_all_single.default)
+# Never send the tokens twice: keep the all-to-all's results (the split sizes' and the tokens'). Kept whatever
+# the grad mode, since both run with grad off: the sizes under no_grad, the tokens inside the autograd function
+# that wraps the collective.
+_SAVE_COMMS = set()
+if hasattr(torch.ops, "_c10d_functional"):
+    _SAVE_COMMS.add(torch.ops._c10d_functional.all_to_all_single.default)
 
 
 def _profiler_ops() -> set:
@@ -80,7 +84,7 @@ class _Cached(_IgnoreOps, _CachedTorchDispatchMode):
 def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
     # A matmul under no_grad (attention's chunked max-logit pass) is not needed by backward: keeping it would
     # hold every chunk until backward.
-    if op in _SAVE_OPS and torch.is_grad_enabled():
+    if (op in _SAVE_OPS and torch.is_grad_enabled()) or op in _SAVE_COMMS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -68,6 +68,14 @@ class MatmulAudit(TorchDispatchMode):
             optimizer.register_step_post_hook(lambda *_: setattr(self, "active", True))
 
 
+@pytest.fixture(autouse=True)
+def _leave_the_group():
+    """Each bf16 trainer here makes a one-rank process group; leave it, so no later test inherits it."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _cfg(out: Path, cache: Path, **extra: object):
     overrides = {"train.out_dir": out, "data.cache_dir": cache, "logging.progress": "false",
                  "checkpoint.save_final": "false", "train.eval_interval": 0, "optim.warmup_steps": 0,

@@ -10,8 +10,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import ConfigError, ModelConfig, Transformer
+from models.stats import is_recomputing
 from parallel import ParallelDims, all_reduce_sum, build_mesh, clip_grad_norm_, dispatch_bytes, parallelize
 from parallel.expert_parallel import _regroup_index
 from tests.dist_harness import run_ranks
@@ -50,26 +52,25 @@ def _reference(starve: bool) -> dict:
             "bias": bias}
 
 
-def _count_all_to_all_bytes() -> list[int]:
-    """Wrap the autograd all-to-all that the EP dispatch and combine call, so that each forward call adds the
-    bytes of the tensor really handed to it; returns the running total (one-element list). The count
-    exchange (a plain `dist.all_to_all_single` of E integers) moves no token rows and is not counted."""
-    import parallel.expert_parallel as expert_parallel
+class _TokenAllToAllBytes(TorchDispatchMode):
+    """Bytes of token rows handed to the all-to-all collective itself, in the forward and in a recompute (not the
+    gradients' all-to-alls of the backward, nor the split sizes' exchange). Seen below activation checkpointing's
+    own mode, so a result that selective checkpointing replays from its cache is not counted: it is not sent."""
 
-    sent = [0]
-    real = expert_parallel.all_to_all_single_autograd
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes, self.forward = 0, True
 
-    def counting(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        sent[0] += x.numel() * x.element_size()
-        return real(x, *args, **kwargs)
-
-    expert_parallel.all_to_all_single_autograd = counting
-    return sent
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        x = args[0] if args else None
+        if (func is torch.ops._c10d_functional.all_to_all_single.default and x.is_floating_point()
+                and (self.forward or is_recomputing())):
+            self.bytes += x.numel() * x.element_size()
+        return func(*args, **(kwargs or {}))
 
 
 def _distributed_worker(rank: int, world: int, ep: int, ac: str, ref_path: str, out_path: str) -> None:
     ref = torch.load(ref_path)
-    measured = _count_all_to_all_bytes()
     with torch.device("meta"):
         model = Transformer(ModelConfig(**CFG))
     parallelize(model, build_mesh(ParallelDims(world, world, ep), "cpu"), activation_checkpointing=ac)
@@ -79,8 +80,10 @@ def _distributed_worker(rank: int, world: int, ep: int, ac: str, ref_path: str, 
     model.train()
     local = BATCH // world
     sl = slice(rank * local, (rank + 1) * local)
-    loss = _loss(model, ref["x"][sl], ref["y"][sl])
-    loss.backward()
+    with _TokenAllToAllBytes() as measured:
+        loss = _loss(model, ref["x"][sl], ref["y"][sl])
+        measured.forward = False
+        loss.backward()
     grad_norm = clip_grad_norm_(model.parameters(), 0.5)
     grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor() if isinstance(p.grad, DTensor)
              else p.grad for n, p in model.named_parameters()}
@@ -88,7 +91,7 @@ def _distributed_worker(rank: int, world: int, ep: int, ac: str, ref_path: str, 
     bias = {i: m.gate.e_score_correction_bias.clone() for i, m in enumerate(model.moe_layers())}
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    sent = torch.tensor([float(measured[0]), float(dispatch_bytes(model))])  # all ranks: real / as counted
+    sent = torch.tensor([float(measured.bytes), float(dispatch_bytes(model))])  # all ranks: real / as counted
     dist.all_reduce(sent)
     if rank == 0:
         torch.save({"loss": mean_loss.item() / world, "grads": grads, "grad_norm": grad_norm.item(),
@@ -117,11 +120,14 @@ def test_expert_parallel_fsdp_matches_single_process(tmp_path: Path, world: int,
         torch.testing.assert_close(out["bias"][i], b, rtol=0, atol=0)
     # Dropless dispatch hands exactly top-k fp32 rows per token to the all-to-all each way (dispatch, combine):
     # the theoretical minimum, measured on the tensors the collective got; dispatch_bytes (for benchmarks) agrees.
+    # (4, 4, selective) proves the recompute sends nothing again.
     moe_layers = CFG["num_hidden_layers"] - CFG["first_k_dense_replace"]
     minimum = 2 * BATCH * SEQ * CFG["num_experts_per_tok"] * CFG["hidden_size"] * 4 * moe_layers
-    forward_calls = 1 if ac == "none" else 2  # checkpointing re-runs the forward (and its hooks)
-    expected = minimum * forward_calls if ep > 1 else 0  # ep=1: experts are local, nothing travels
-    assert out["bytes"] == expected and out["counted_bytes"] == expected
+    # Full recompute sends the forward's rows again; selective keeps the all-to-alls' results (parallel/fsdp.py).
+    sends = 2 if ac == "full" else 1
+    if ep == 1:  # experts are local, nothing travels
+        minimum = 0
+    assert out["bytes"] == minimum * sends and out["counted_bytes"] == minimum  # dispatch_bytes: forwards only
 
 
 def test_regroup_index_orders_rows_by_local_expert() -> None:

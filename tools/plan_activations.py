@@ -140,8 +140,8 @@ def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, policy: 
             moe["expert gate, up, down (grouped GEMM outputs)"] = 2 * n * moe_i * c + n * hid * c
             if cfg.n_shared_experts:
                 moe["shared gate, up, down (mm outputs)"] = 2 * t * shared_i * c + t * hid * c
-            # ep > 1 adds nothing: selective checkpointing does not keep the autograd all-to-all's output (a
-            # gloo EP run shows it re-sent in the recompute), so it holds no token rows across the exchange
+            if ep > 1:  # selective keeps the all-to-alls' results (parallel/fsdp.py): the recompute sends nothing
+                moe["EP: all-to-all results (split sizes, rows received, rows returned)"] = e * INT64 + 2 * n * hid * c
 
     dense_layer = sum(attn.values()) + sum(dense.values())
     moe_layer = sum(attn.values()) + sum(moe.values())

@@ -47,8 +47,8 @@ class Hardware:
             "a node at NVLink; the all-to-all sends to node-local peers over NVLink and to the rest over the "
             "network at the same time, and a phase lasts as long as the slower of the two",
             "EP all-to-all: dispatch + combine per MoE layer and micro-batch in the forward, their mirror in the "
-            "backward, and the forward's again in the recompute under selective and full (a gloo run shows "
-            "selective checkpointing re-sends them); tokens*k rows of hidden x compute dtype each",
+            "backward, and the forward's again in full recompute (selective checkpointing keeps their results); "
+            "tokens*k rows of hidden x compute dtype each",
             "FSDP2 all-gathers each block's weights in the forward and again in the backward "
             "(reshard_after_forward), the root unit (embedding, final norm, LM head) once per micro-batch, in the "
             "compute dtype; reduce-scatters gradients in fp32 (parallel.fsdp's reduce_dtype) once per step "
@@ -166,9 +166,8 @@ def _ring(nbytes: float, n: int) -> float:
 def estimate(inp: CommInputs, hw: Hardware, profile: list[list[float]] | None) -> dict[str, Any]:
     """All-to-all bytes (balanced, skewed), FSDP bytes, NS FLOPs, and the step time they add up to."""
     c = inp.compute_bytes
-    # Recompute re-runs the forward's all-to-alls, under full and (measured on gloo: the SAC policy does not
-    # catch the autograd all-to-all) under selective too.
-    steps_fwd = 1 if inp.policy == "none" else 2
+    # Full recompute re-runs the forward's all-to-alls; selective keeps their results (parallel/fsdp.py).
+    steps_fwd = 2 if inp.policy == "full" else 1
     out: dict[str, Any] = {}
 
     # EP all-to-all: per MoE layer and micro-batch, dispatch + combine in the forward, their mirror in backward.

@@ -168,8 +168,8 @@ def format_layout(plan: dict[str, Any], w: int = 44) -> list[str]:
         bal, sk = a2a["balanced"], a2a["skewed"]
         lines += [
             f"  {'all-to-all calls':<{w - 2}}{a2a['phases_per_step']:>22,}"
-            f"  ({'4' if act['policy'] == 'none' else '6'} per MoE layer and micro-batch: dispatch + combine in "
-            f"the forward{'' if act['policy'] == 'none' else ', again in the recompute'}, and in the backward)",
+            f"  ({'4' if act['policy'] != 'full' else '6'} per MoE layer and micro-batch: dispatch + combine in "
+            f"the forward{'' if act['policy'] != 'full' else ', again in the recompute'}, and in the backward)",
             f"  {'through the collective, balanced':<{w - 2}}"
             f"{_bytes(bal['bytes_through_collective']):>22}  (own chunk included)",
             f"  {'on the wire, balanced':<{w - 2}}{_bytes(bal['bytes_on_wire']):>22}"
