@@ -1,0 +1,112 @@
+"""A training step at world 2048, ep 64, played by one rank (tools/simulate.py): the real model build, expert
+parallelism, FSDP2 with the bf16 policy, forward/backward, the reductions and Muon's distributed Newton–Schulz with
+its post-step hooks, at the presets' real layer shapes, on a process group whose collectives return at once.
+
+Depth is cut to the first MoE layer and the vocabulary to 4096 so that a test takes half a minute; the
+Newton–Schulz ownership is planned over the full depth from the optimizer's own code."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.simulate import main
+from train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # half a minute per preset on 2 cores, 5 GB of memory
+
+SMALL_VOCAB = ["model.vocab_size=4096", "model.bos_token_id=0", "model.eos_token_id=1"]
+
+
+def _simulate(preset: str, layers: int, rank: int) -> dict:
+    """The command's JSON report, from a fresh process (one process plays one rank of one world)."""
+    done = subprocess.run([sys.executable, "-m", "tools.simulate", "--config", f"configs/{preset}.yaml", "--gpus",
+                           "2048", "--ep", "64", "--rank", str(rank), "--layers", str(layers), "--json", *SMALL_VOCAB],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+# The first MoE layer is layer 1 in K2 and layer 3 in DeepSeek-V3: simulate up to it.
+@pytest.mark.parametrize("preset,layers,rank", [("k2-1t", 2, 0), ("deepseek-v3-671b", 4, 1337)])
+def test_world_2048_step(preset: str, layers: int, rank: int) -> None:
+    full_cfg = load_config(ROOT / "configs" / f"{preset}.yaml", [])
+    sim = _simulate(preset, layers, rank)
+    m = full_cfg.model
+    e_local = m.n_routed_experts // 64
+    params = sim["params"]
+
+    # Placements: dense weights row-sharded over all 2048 ranks; an expert stack is split over the ep group by
+    # experts and over its 32-rank dp_mod_ep group by rows (fewer local experts than ranks to share them).
+    stacks = {n: p for n, p in params.items() if ".experts." in n}
+    assert stacks and all(p["placements"] == ["S(1)", "S(0)"] for p in stacks.values())
+    for p in stacks.values():
+        assert p["local_shape"][0] == e_local and p["local_shape"][1] == math.ceil(p["shape"][1] / 32)
+    dense = [p for n, p in params.items() if n not in stacks and len(p["shape"]) == 2]
+    assert dense and all(p["placements"] == ["S(0)"] for p in dense)
+
+    # Collectives issued by the code: FSDP over 2048 (dense) and 32 (experts), the EP all-to-all over 64, the
+    # gradient reduce-scatter once, the step's reductions, and Newton–Schulz's bucketed all-to-alls.
+    calls = {(c["phase"], c["op"], c["group_size"]): c for c in sim["collectives"]}
+    assert calls[("forward", "all_gather", 2048)]["calls"] >= 2 and ("forward", "all_gather", 32) in calls
+    assert calls[("forward", "all_to_all", 64)]["calls"] == 3  # split sizes, dispatch, combine: one MoE layer
+    assert calls[("backward", "all_to_all", 64)]["calls"] == 2  # selective checkpointing does not re-send
+    assert calls[("backward", "reduce_scatter", 32)]["calls"] == 1
+    assert {k[2] for k in calls if k[0] == "optimizer"} <= {2048, 32}
+    ns, me = sim["newton_schulz"], sim["newton_schulz"]["this_rank"]
+    optimizer_calls = sum(c["calls"] for k, c in calls.items() if k[0] == "optimizer")
+    assert optimizer_calls == me["collectives"] <= 4  # bucketed: not one per matrix
+
+    # Every matrix is orthogonalized exactly once across the world, by one owner.
+    owners = ns["owners"]  # [parameter, matrix index, owner's global rank]
+    expected = sum(math.prod(params[name]["shape"][:-2]) for name in {o[0] for o in owners})
+    assert len(owners) == ns["matrices"] == expected == len({(o[0], o[1]) for o in owners})
+    assert all(0 <= o[2] < 2048 for o in owners)
+    # an expert's owner is in the 32-rank group that holds it: the ranks of its expert-parallel coordinate
+    assert all(o[2] % 64 == o[1] // e_local for o in owners if ".experts." in o[0])
+    assert me["run_flops"] == me["planned_flops"]  # this rank did what the plan says
+    assert me["owned_matrices"] == sum(1 for o in owners if o[2] == rank)
+
+    # No rank holds a whole expert stack during the optimizer step; NS inputs are single matrices.
+    stack_bytes = max(math.prod(p["shape"]) * 4 for p in stacks.values())
+    biggest_matrix = max(math.prod(p["shape"][-2:]) * 4 for p in params.values() if len(p["shape"]) >= 2)
+    assert me["largest_tensor_bytes_in_step"] <= 2 * biggest_matrix < stack_bytes / 10
+    assert len(me["largest_ns_input"]) == (2 if me["owned_matrices"] else 0)  # (4 layers leave some ranks idle)
+
+    # Bytes received to assemble what it owns: within 1.5x of the minimum (what it owns minus what it holds).
+    assert me["bytes_received_to_assemble"] <= 1.5 * me["min_bytes_to_assemble"]
+
+    # NS FLOPs per rank over the full depth, from the same ownership code: within 10% of total / world, or of the
+    # largest single matrix where one matrix costs more than a rank's share (a matrix is never split: DeepSeek-V3's
+    # dense FFN matrices, 22.6 TFLOP each, against a 15.8 TFLOP mean; K2's mean is above them).
+    full = ns["full_depth"]
+    assert full["layers"] == m.num_hidden_layers
+    mean = full["total_flops"] / 2048
+    assert full["per_rank_flops_mean"] == pytest.approx(mean)
+    assert full["per_rank_flops_min"] >= 0.9 * mean
+    assert full["per_rank_flops_max"] <= 1.1 * max(mean, full["largest_matrix_flops"])
+    if preset == "k2-1t":
+        assert full["per_rank_flops_max"] <= 1.1 * mean
+
+    # Per-rank state from the code's own objects: fp32 shards, a gradient for each, Muon / AdamW state.
+    assert sim["grad_bytes"] == sim["param_bytes"]
+    assert sim["param_bytes"] <= sim["optimizer_state_bytes"] <= 2 * sim["param_bytes"]
+
+
+def test_command_prints_the_report(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--gpus", "8", "--ep", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "world 8, ep 2" in out and "all_to_all" in out and "reduce_scatter" in out
+    assert "each owned by one rank" in out
+
+
+def test_command_refuses_a_layout_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--config", str(ROOT / "configs" / "k2-1t.yaml"), "--gpus", "2048", "--ep", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: parallel.ep") and "\n" not in err
