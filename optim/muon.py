@@ -25,8 +25,9 @@ torch.distributed.checkpoint.
 
 Distribution hook: all Muon updates of a step (every Muon group with the same NS settings)
 go through one call ``orthogonalize(updates, ns)``, ``ns`` being the per-tensor NS function. The default
-orthogonalizes each tensor locally, on this process; a distributed scheme (owners per matrix, gather /
-scatter of FSDP shards) plugs in with the same signature, e.g. ``optim.distributed_ns.orthogonalize``.
+orthogonalizes each tensor locally, on this process; a distributed scheme (an owner per matrix, shards
+assembled and returned by bucketed all-to-alls) plugs in with the same signature,
+``optim.distributed_ns.orthogonalize``.
 """
 
 from __future__ import annotations

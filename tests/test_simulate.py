@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from tools.plan import main as plan_main
 from tools.simulate import main
 from train.config import load_config
 
@@ -99,8 +101,10 @@ def test_world_2048_step(preset: str, layers: int, rank: int) -> None:
     assert sim["param_bytes"] <= sim["optimizer_state_bytes"] <= 2 * sim["param_bytes"]
 
 
-def test_command_prints_the_report(capsys: pytest.CaptureFixture) -> None:
-    assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--gpus", "8", "--ep", "2"]) == 0
+def test_planner_simulate_mode_prints_the_report(capsys: pytest.CaptureFixture) -> None:
+    """`python -m tools.plan --simulate` is the same command (in-process here: one small world, then left)."""
+    assert plan_main(["--simulate", "--config", str(ROOT / "configs" / "tiny.yaml"), "--gpus", "8", "--ep", "2"]) == 0
+    assert not torch.distributed.is_initialized()
     out = capsys.readouterr().out
     assert "world 8, ep 2" in out and "all_to_all" in out and "reduce_scatter" in out
     assert "each owned by one rank" in out

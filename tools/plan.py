@@ -483,6 +483,12 @@ def format_plan(plan: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--simulate" in argv:  # run the layout's step for real, as one rank of it (tools/simulate.py)
+        from tools.simulate import main as simulate_main
+
+        argv.remove("--simulate")
+        return simulate_main(argv)
     parser = argparse.ArgumentParser(
         prog="python -m tools.plan",
         description="Count parameters, FLOPs per token and per-GPU memory of a model config, on the meta "
@@ -522,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=Hardware.gpus_per_node,
                         help=f"GPUs sharing NVLink (default {Hardware.gpus_per_node})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--simulate", action="store_true",
+                        help="instead of estimating, run one training step of this layout as one rank of a "
+                             "simulated world (python -m tools.simulate; takes --config --gpus --ep --rank "
+                             "--layers --seq-len --ns-steps --json)")
     parser.add_argument("overrides", nargs="*", help="OmegaConf overrides, e.g. model.num_hidden_layers=30")
     args = parser.parse_args(argv)
 
