@@ -1,8 +1,8 @@
 """One training step of a real layout, played by one rank of a simulated world: `python -m tools.simulate`.
 
-The code that runs is the training code — `Transformer`, `parallelize` (expert parallelism, selective
-checkpointing, FSDP2 with the bf16 policy), `build_optimizer` (Muon with distributed Newton–Schulz), the
-gradient-norm and statistics reductions, the post-step hooks — at the preset's real layer shapes, on a process
+The code that runs is the training code — `Transformer`, `parallelize` (expert parallelism, the configured
+activation checkpointing, FSDP2 with the bf16 policy), `build_optimizer` (Muon with distributed Newton–Schulz),
+the gradient-norm and statistics reductions, the post-step hooks — at the preset's real layer shapes, on a process
 group that has no peers (tools/sim_pg.py): each collective returns at once and is recorded. Parameters are
 materialised only for the simulated rank. So the bytes, placements, collectives and Newton–Schulz ownership it
 reports are the code's own; the values it computes are not meaningful (gathers return zeros) and routing is
@@ -40,7 +40,6 @@ from tools.sim_pg import LEDGER, init_simulated_world
 from train.config import ExperimentConfig, load_config
 from train.step_hooks import register_post_step_hooks
 
-PHASES = ("forward", "backward", "reduce", "optimizer")
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
           torch.ops.aten._grouped_mm.default}
 
