@@ -9,6 +9,7 @@ before anything starts, so a typo fails here and not after a day in the queue. S
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shlex
@@ -17,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch import slurm
+from launch import hostfile, slurm
 from launch.commands import (
     FORWARDED_SIGNALS,
     ROOT,
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--rdzv-endpoint", help="HOST[:PORT] of one of the nodes, reachable from all "
                                                "(torchrun's c10d default port is 29400)")
     multi.add_argument("--rdzv-id", help="rendezvous id, the same on every node (default: the job name)")
+    h = p.add_argument_group("several nodes with DeepSpeed's launcher (pdsh / ssh; no Slurm, no elastic restarts)")
+    h.add_argument("--hostfile", type=Path, help="DeepSpeed hostfile: one 'HOST slots=GPUS' per line; nodes and "
+                                                 "GPUs per node come from it")
+    h.add_argument("--master-port", type=int, default=29500, help="port on the first host (default 29500)")
     s = p.add_argument_group("Slurm")
     s.add_argument("--slurm", action="store_true",
                    help="write <train.out_dir>/slurm/<job-name>.sbatch and submit it with sbatch")
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command_line = shlex.join(["python", "-m", "launch", *(a for a in given if a != "--dry-run")])
     for flag, value, low, high in (("--nodes", args.nodes, 1, None), ("--max-restarts", args.max_restarts, 0, None),
+                                   ("--master-port", args.master_port, 1, 65535),
                                    ("--grace-seconds", args.grace_seconds, 1, 65535),
                                    ("--cpus-per-task", args.cpus_per_task, 1, None), ("--port", args.port, 1, 65535)):
         if value is not None and (value < low or (high is not None and value > high)):
@@ -129,6 +135,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(slurm_only)} {'is' if len(slurm_only) == 1 else 'are'} only for --slurm")
     if args.job_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.job_name):
         parser.error(f"--job-name must be letters, digits, '.', '_' or '-', got '{args.job_name}'")
+    if args.hostfile is not None:
+        clash = [f for f, v in (("--slurm", args.slurm), ("--rdzv-endpoint", args.rdzv_endpoint),
+                                ("--max-restarts", args.max_restarts)) if v]
+        if clash:
+            parser.error(f"--hostfile cannot be combined with {', '.join(clash)} (DeepSpeed's launcher has a static "
+                         "rendezvous: no elastic restarts; rerun the command to resume)")
+        try:
+            hosts = hostfile.read_hostfile(args.hostfile)
+        except hostfile.HostfileError as e:
+            parser.error(str(e))
+        slots = hosts[0][1]
+        if args.gpus_per_node is not None and args.gpus_per_node != slots:
+            parser.error(f"--gpus-per-node {args.gpus_per_node} disagrees with the hostfile's slots={slots}")
+        if given_nodes := [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--nodes")]:
+            parser.error(f"{given_nodes[0]}: with --hostfile the nodes are its {len(hosts)} host(s)")
+        args.nodes, args.gpus_per_node, args.max_restarts = len(hosts), slots, 0
     if args.rdzv_id and not args.rdzv_endpoint:
         parser.error("--rdzv-id needs --rdzv-endpoint")
     if args.slurm and args.gpus_per_node is None:
@@ -136,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                      "nodes)")
     if args.slurm and args.rdzv_endpoint:
         parser.error("--rdzv-endpoint is for launches without Slurm; a Slurm job uses its first node")
-    if args.nodes > 1 and not args.slurm and not args.rdzv_endpoint:
+    if args.nodes > 1 and not args.slurm and not args.rdzv_endpoint and args.hostfile is None:
         parser.error(f"--nodes {args.nodes} without --slurm needs --rdzv-endpoint HOST[:PORT]: one of the nodes, "
                      "reachable from all of them, where the c10d rendezvous runs")
     if args.rdzv_endpoint:
@@ -192,6 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode == 0:
             print(f"logs: {opts.log_dir}/{name}-<job id>.out and .err")
         return done.returncode
+
+    if args.hostfile is not None:
+        cmd = hostfile.deepspeed_command(job, args.hostfile.resolve(), hosts, args.master_port)
+        if args.dry_run:
+            print(f"# DeepSpeed's launcher starts the trainer on the {job.nodes} host(s) of {args.hostfile} over "
+                  "pdsh/ssh; static rendezvous: after a failure rerun this command, it resumes")
+            print(shell_line(cmd, workdir))
+            return 0
+        if importlib.util.find_spec("deepspeed") is None:
+            print("error: --hostfile runs DeepSpeed's launcher, which is not installed: "
+                  "pip install -e '.[deepspeed]'", file=sys.stderr)
+            return 1
+        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        return run(cmd, cwd=workdir, env={**os.environ, "PYTHONPATH": pythonpath})
 
     if args.rdzv_endpoint:  # several nodes (or one) joining a c10d rendezvous
         cmd = node_command(job, args.rdzv_endpoint, args.rdzv_id or name)

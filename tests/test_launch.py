@@ -288,3 +288,50 @@ def test_real_two_process_launch_stops_on_sigusr1_and_resumes(tmp_path: Path) ->
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"at step {stopped}" in second.stdout and "step 12/12 |" in second.stdout
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 13))
+
+
+def test_hostfile_dry_run_renders_deepspeeds_launcher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--hostfile`: DeepSpeed's runner (this interpreter's module) with the hostfile's nodes and slots, a static
+    master on its first host, `--no_local_rank` and the trainer as a module; the layout is checked against
+    hosts x slots before anything starts. Nothing runs (DeepSpeed is not needed for a dry run)."""
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("# the cluster\nnode001 slots=2\n\nnode002 slots=2  # second\n")
+    assert main(["--config", str(TINY), "--hostfile", str(hosts), "parallel.ep=2", "train.micro_batch_size=2",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# DeepSpeed's launcher") and "rerun this command" in out[0]
+    argv = shlex.split(out[1].split(" && ", 1)[1])
+    runner = argv.index("deepspeed.launcher.runner")
+    assert argv[runner - 2:runner] == [sys.executable, "-m"]
+    flags = argv[runner + 1:argv.index("--module")]
+    assert flags == ["--hostfile", str(hosts.resolve()), "--num_nodes", "2", "--num_gpus", "2", "--master_addr",
+                     "node001", "--master_port", "29500", "--no_local_rank"]
+    assert argv[argv.index("--module") + 1:] == ["train", "--config", str(TINY.resolve()), "parallel.ep=2",
+                                                 "train.micro_batch_size=2"]
+
+
+@pytest.mark.parametrize("text, extra, message", [
+    ("node001 slots=2\nnode002 slots=4\n", [], "every host needs the same slots"),
+    ("node001 slots=2\nnode001 slots=2\n", [], ":2: host 'node001' is listed twice"),
+    ("node001 2\n", [], ":1: expected 'HOST slots=N'"),
+    ("# nothing\n", [], "no hosts"),
+    ("node001 slots=2\n", ["--slurm"], "cannot be combined with --slurm"),
+    ("node001 slots=2\n", ["--gpus-per-node", "4"], "disagrees with the hostfile's slots=2"),
+    ("node001 slots=2\n", ["--nodes", "3"], "with --hostfile the nodes are its 1 host(s)"),
+])
+def test_hostfile_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                          extra: list[str], message: str) -> None:
+    hosts = tmp_path / "hostfile"
+    hosts.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(TINY), "--hostfile", str(hosts), "--dry-run", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_hostfile_layout_is_checked_against_hosts_times_slots(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node001 slots=2\nnode002 slots=2\n")
+    assert main(["--config", str(TINY), "--hostfile", str(hosts), "parallel.ep=3", "--dry-run"]) == 2
+    assert "parallel.ep: 3 must divide the data-parallel size 4" in capsys.readouterr().err
