@@ -33,7 +33,8 @@ from models import Transformer
 from models.config import ConfigError
 from models.moe import forced_balanced_routing
 from optim import build_optimizer
-from optim.distributed_ns import NSStats, OwnershipPlan, layout_of, orthogonalize, plan_ownership
+from optim.distributed_ns import NSStats, orthogonalize
+from optim.ns_plan import OwnershipPlan, layout_of, plan_ownership
 from optim.param_groups import split_params
 from parallel import ParallelDims, all_reduce_max, all_reduce_sum, build_mesh, clip_grad_norm_, parallelize
 from tools.sim_pg import LEDGER, init_simulated_world
