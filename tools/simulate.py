@@ -122,10 +122,6 @@ def _muon_params(model: Transformer) -> list[tuple[str, torch.Tensor]]:
     return split_params(model)["matrix"]
 
 
-def _param_names(model: Transformer) -> list[str]:
-    return [name for name, _ in _muon_params(model)]
-
-
 def ownership(model: Transformer, steps: int) -> OwnershipPlan:
     """The Newton–Schulz owner of every matrix Muon orthogonalizes in `model`: the optimizer's own plan
     (optim/distributed_ns.py), from the parameters' layouts; no process group is used."""
@@ -211,6 +207,7 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     loads = full.per_rank()
     flops = [loads[r].flops if r in loads else 0 for r in range(world)]
     mine = here.per_rank().get(rank)
+    names = [name for name, _ in _muon_params(model)]  # the plan's tensor order
     ns = {
         "ns_steps_counted": steps, "ns_steps_run": ns_steps,
         "matrices": len(here.matrices), "total_flops": here.total_flops,
@@ -225,7 +222,7 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
                        "total_flops": full.total_flops, "per_rank_flops_min": min(flops),
                        "per_rank_flops_max": max(flops), "per_rank_flops_mean": sum(flops) / world,
                        "largest_matrix_flops": max(x.flops for x in full.matrices)},
-        "owners": [[_param_names(model)[m.tensor], m.index, m.owner_rank] for m in here.matrices],
+        "owners": [[names[m.tensor], m.index, m.owner_rank] for m in here.matrices],
     } if distributed else {}
     sim = Simulation(
         world=world, ep=ep, rank=rank, layers=model_cfg.num_hidden_layers, tokens=micro_batch * seq_len,
