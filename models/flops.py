@@ -16,6 +16,8 @@ gradient, one for the weight gradient). No activation-checkpointing recompute: m
 
 from __future__ import annotations
 
+import dataclasses
+
 from models.config import ModelConfig
 from models.transformer import Transformer
 
@@ -60,6 +62,19 @@ def flops_breakdown(cfg: ModelConfig | Transformer, seq_len: int, *, causal: boo
         "routed_experts": n_moe * swiglu * cfg.moe_intermediate_size * cfg.num_experts_per_tok,
         "lm_head": 2 * hid * cfg.vocab_size,
     }
+
+
+def layer_flops(cfg: ModelConfig | Transformer, seq_len: int, *, causal: bool = True) -> tuple[list[int], int]:
+    """Forward matmul FLOPs per token of each layer (a dense layer and an MoE layer differ) and of the LM head:
+    what a pipeline split balances. Sums to `flops_per_token(..., training=False)`."""
+    cfg = _cfg_of(cfg)
+    one = dataclasses.replace(cfg, num_hidden_layers=1, first_k_dense_replace=1)
+    dense = flops_breakdown(one, seq_len, causal=causal)
+    moe = flops_breakdown(dataclasses.replace(one, first_k_dense_replace=0), seq_len, causal=causal)
+    head = dense.pop("lm_head")
+    moe.pop("lm_head")
+    per_layer = [sum((moe if cfg.is_moe_layer(i) else dense).values()) for i in range(cfg.num_hidden_layers)]
+    return per_layer, head
 
 
 def flops_per_token(cfg: ModelConfig | Transformer, seq_len: int, *, training: bool = True,

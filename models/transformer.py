@@ -14,7 +14,7 @@ Meta-device construction::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,23 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return AttentionMask(document_ids).rows(0, s, s, document_ids.device)
 
 
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, rotary: RotaryEmbedding,
+               positions: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [B, S, H] through `blocks` in order -> (hidden states, summed balance loss). The whole
+    model runs all its blocks; a pipeline stage (parallel/pipeline.py) runs its own."""
+    if positions is None:
+        positions = torch.arange(x.shape[1], device=x.device)
+    rope = rotary(positions, x.dtype)
+    # O(B*S) ids, not a dense mask; built once so the CUDA path's BlockMask is shared by all layers
+    mask = AttentionMask(document_ids)
+    balance = torch.zeros((), device=x.device, dtype=torch.float32)
+    for block in blocks:
+        x, aux = block(x, rope, mask)
+        balance = balance + aux
+    return x, balance
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -90,16 +107,8 @@ class Transformer(nn.Module):
         on document masking for packed sequences: a token attends only to earlier tokens of its own document
         (pass positions that restart at each document too; `data.loader.document_positions` gives both).
         """
-        x = self.embed_tokens(input_ids)
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        rope = self.rotary(positions, x.dtype)
-        # O(B*S) ids, not a dense mask; built once so the CUDA path's BlockMask is shared by all layers
-        mask = AttentionMask(document_ids)
-        balance = torch.zeros((), device=x.device, dtype=torch.float32)
-        for block in self.layers.values():
-            x, aux = block(x, rope, mask)
-            balance = balance + aux
+        x, balance = run_blocks(self.layers.values(), self.embed_tokens(input_ids), self.rotary, positions,
+                                document_ids)
         return ModelOutput(logits=self.lm_head(self.norm(x)), balance_loss=balance)
 
     # --- initialisation -------------------------------------------------------------------------
@@ -126,7 +135,8 @@ class Transformer(nn.Module):
             seed, generator = None, seed
         if seed is None:
             seed = generator.initial_seed() if generator is not None else int(torch.randint(2**62, (1,)))
-        if self.cfg.tie_word_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+        if (self.cfg.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None
+                and self.lm_head.weight is not self.embed_tokens.weight):
             self.lm_head.weight = self.embed_tokens.weight  # `to_empty` after meta construction unties them
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
@@ -159,7 +169,7 @@ class Transformer(nn.Module):
         moe = dict(self._moe_items())
         loads = [m.expert_load.double() for m in moe.values()]
         dropped = [m.dropped_tokens.double().reshape(1) for m in moe.values()]
-        device = self.embed_tokens.weight.device
+        device = self.rotary.inv_freq.device
         heads = [b.self_attn.max_logit.float() for b in self.layers.values()]
         return StatsBuckets(
             sum=torch.cat(loads + dropped) if moe else torch.zeros(0, dtype=torch.float64, device=device),
@@ -189,7 +199,7 @@ class Transformer(nn.Module):
         """[L_moe] max - min of each MoE layer's correction bias (a device tensor; no host sync)."""
         biases = [m.gate.e_score_correction_bias for _, m in self._moe_items()]
         if not biases:
-            return torch.zeros(0, device=self.embed_tokens.weight.device)
+            return torch.zeros(0, device=self.rotary.inv_freq.device)
         b = torch.stack(biases)
         return b.amax(dim=1) - b.amin(dim=1)
 
@@ -229,6 +239,6 @@ class Transformer(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and self.embed_tokens is not None:
             n -= self.embed_tokens.weight.numel()
         return n

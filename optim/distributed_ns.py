@@ -65,6 +65,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from optim.newton_schulz import NS_STEPS
@@ -195,7 +196,7 @@ def _exchange(tensors: list[int], us: list[DTensor], locals_: list[torch.Tensor]
     of every exchange walk the same (tensor, matrix) order, so the element counts are all they need."""
     first = us[tensors[0]]
     mdims = plan.infos[tensors[0]].matrix_dims
-    pg = first.device_mesh.get_group(mdims[0]) if len(mdims) == 1 else dist.group.WORLD
+    pg = first.device_mesh.get_group(mdims[0]) if len(mdims) == 1 else _group_of(first.device_mesh)
     size = dist.get_world_size(pg)
     pg_ranks: dict[int, int] = {}
 
@@ -285,6 +286,20 @@ def _exchange(tensors: list[int], us: list[DTensor], locals_: list[torch.Tensor]
         src = pg_rank(o)
         dst.copy_(back[src][cursor[src]:cursor[src] + n].view(dst.shape))
         cursor[src] += n
+
+
+def _group_of(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The process group of exactly the ranks of a multi-dimensional `mesh`: a flattened mesh already made over
+    the same ranks (parallel/mesh.py makes "dp"; making one here would be a collective that only some ranks
+    reach), else WORLD when the mesh spans it. Not WORLD under a pipeline: each stage exchanges on its own."""
+    ranks = mesh.mesh.flatten().tolist()
+    root = mesh._get_root_mesh()
+    for flat in getattr(root, "_flatten_mapping", {}).values():
+        if flat.mesh.flatten().tolist() == ranks:
+            return flat.get_group()
+    if len(ranks) == dist.get_world_size():
+        return dist.group.WORLD
+    raise RuntimeError(f"no process group spans the mesh {mesh}: flatten its dims once when building the mesh")
 
 
 def _stack(x: torch.Tensor) -> torch.Tensor:

@@ -124,8 +124,14 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
-               reduce_dtype: torch.dtype | None = torch.float32) -> None:
+               reduce_dtype: torch.dtype | None = torch.float32, roots: list[nn.Module] | None = None,
+               reshard_after_forward: bool = True) -> None:
     """Shard each block, then the root (embeddings, final norm, LM head), over the flattened "dp" mesh.
+
+    `roots`: the modules to shard last as FSDP roots instead of `model` (a pipeline rank's stage views, which
+    hold the embedding / head when they are the first / last stage). `reshard_after_forward=False` keeps each
+    block's weights gathered from its forward to its backward: no second all-gather per micro-batch, at the
+    memory of the unsharded block (what a pipeline with many micro-batches in flight wants).
 
     Mixed precision is FSDP2's: parameters are stored (and the optimizer steps) in fp32, gathered for compute in
     `param_dtype`, gradients reduced in `reduce_dtype`; the router keeps fp32 under any policy.
@@ -151,14 +157,16 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype
             n_local = experts.gate_proj.shape[0] // ep
             # Shard the expert dim when there are enough local experts to go round, else the row dim.
             placement = Shard(0) if n_local >= dp_mod_ep.size() else Shard(1)
-            fully_shard(experts, mesh=dp_mod_ep, mp_policy=mp, shard_placement_fn=lambda p, s=placement: s)
+            fully_shard(experts, mesh=dp_mod_ep, mp_policy=mp, shard_placement_fn=lambda p, s=placement: s,
+                        reshard_after_forward=reshard_after_forward)
             experts.set_gradient_divide_factor(float(dp_mesh.size()))
             # Gloo has no PREMUL_SUM, so scale outside the collective. Only when a reduce-scatter really
             # runs: on a 1-rank mesh FSDP already divides in its copy path, and forcing sum would divide twice.
             if dp_mod_ep.size() > 1 and dist.get_backend(dp_mod_ep.get_group()) == "gloo":
                 experts.set_force_sum_reduction_for_comms(True)
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for root in roots if roots is not None else [model]:
+        fully_shard(root, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

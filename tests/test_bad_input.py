@@ -109,17 +109,21 @@ def test_every_entry_point_refuses_a_bad_config_in_one_line(
 
 
 @pytest.mark.parametrize(("world", "override", "expected"), [
-    (3, "train.micro_batch_size=8", "train.global_batch_size: 16 does not split into 3 rank(s)"),
+    (3, "train.micro_batch_size=8", "train.global_batch_size: 16 does not split into 3 data-parallel rank(s)"),
     (2, "parallel.ep=4", "parallel.ep: 4 must divide the data-parallel size 2"),
     (4, "model.n_routed_experts=6", "parallel.ep: model.n_routed_experts=6 is not divisible by parallel.ep=4"),
-    (2, "parallel.dp_shard=1", "parallel.dp_shard: 1 must equal the world size 2"),
+    (2, "parallel.dp_shard=1", "parallel.dp_shard: 1 must equal world / parallel.pp = 2"),
+    (3, "parallel.pp=2", "parallel.pp: 2 pipeline stages do not divide the world of 3 ranks"),
+    (8, "parallel.pp=8", "parallel.pp: 8 x 1 virtual stages need at least 8 layers, model.num_hidden_layers is 4"),
+    (4, "parallel.pp=2 train.micro_batch_size=2 train.pp_microbatches=3",
+     "train.pp_microbatches: 3 does not divide the step's 4 micro-batches"),
 ])
 def test_layout_errors_for_the_world_size(world: int, override: str, expected: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The checks that need the number of ranks: by the launcher before anything starts, and by each rank
     (WORLD_SIZE from torchrun) before the trainer is built."""
-    common = ["--config", TINY, f"train.out_dir={tmp_path / 'run'}", *SHORT, override]
+    common = ["--config", TINY, f"train.out_dir={tmp_path / 'run'}", *SHORT, *override.split()]
     ep = ["parallel.ep=4"] if "n_routed" in override else []
     _one_error_line(*_launch(capsys, "--gpus-per-node", str(world), "--dry-run", *common, *ep)[::2], expected)
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -157,8 +161,8 @@ def test_one_process_ignores_the_parallel_layout_with_a_notice(tmp_path: Path, c
     code, _, err = _train(capsys, "--config", TINY, f"train.out_dir={tmp_path / 'run'}", "parallel.ep=2")
     assert code == 0 and len(built) == 1
     assert err.strip().splitlines() == [
-        "note: parallel.ep=2 ignored: this is one process, which holds every expert and the whole batch (start "
-        "several with `python -m launch --gpus-per-node N`)"]
+        "note: parallel.ep=2 ignored: this is one process, which holds every layer, every expert and the whole batch "
+        "(start several with `python -m launch --gpus-per-node N`)"]
 
 
 def test_real_command_lines_print_one_error_line(tmp_path: Path) -> None:
@@ -166,7 +170,7 @@ def test_real_command_lines_print_one_error_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     commands = {  # both at once: each spends its time importing torch
         "error: train.log_interval: must be >= 1, got 0": ["-m", "train", "--config", TINY, "train.log_interval=0"],
-        "error: train.global_batch_size: 16 does not split into 16 rank(s)": [
+        "error: train.global_batch_size: 16 does not split into 16 data-parallel rank(s)": [
             "-m", "launch", "--config", TINY, "--slurm", "--nodes", "2", "--gpus-per-node", "8", "--dry-run",
             f"train.out_dir={tmp_path / 'run'}"],
     }

@@ -139,7 +139,8 @@ def _mesh_worker(rank: int, world: int, out_path: str) -> None:
     report = {}
     for copies in (1, 3):
         inputs = _mesh_inputs(copies)
-        sharded = [distribute_tensor(x, mesh["dp"], [Shard(0)]) if p is None else distribute_tensor(x, mesh, p)
+        sharded = [distribute_tensor(x, mesh["dp"], [Shard(0)]) if p is None
+                   else distribute_tensor(x, mesh["dp_mod_ep", "ep"], p)
                    for x, p in inputs]
         for (x, _), d in zip(inputs, sharded, strict=True):  # dim_runs is DTensor's own split
             assert torch.equal(d.to_local(), x[_local_indices(x, d)])
@@ -248,8 +249,8 @@ def test_runs_on_a_fake_process_group_as_one_rank_of_64() -> None:
         mesh = build_mesh(ParallelDims(world, world, ep), "cpu")
         updates = []
         for _ in range(3):  # a layer: an expert stack [16, 64, 32] (2 experts per rank, rows over 8) + a dense
-            updates.append(DTensor.from_local(torch.zeros(2, 8, 32), mesh, (Shard(1), Shard(0)), run_check=False,
-                                              shape=(16, 64, 32), stride=(64 * 32, 32, 1)))
+            updates.append(DTensor.from_local(torch.zeros(2, 8, 32), mesh["dp_mod_ep", "ep"], (Shard(1), Shard(0)),
+                                              run_check=False, shape=(16, 64, 32), stride=(64 * 32, 32, 1)))
             updates.append(DTensor.from_local(torch.zeros(1, 48), mesh["dp"], (Shard(0),), run_check=False,
                                               shape=(64, 48), stride=(48, 1)))
         stats = NSStats()

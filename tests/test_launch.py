@@ -135,7 +135,7 @@ def test_config_errors_exit_2_before_anything_is_launched(tmp_path: Path, capsys
     assert "unknown key 'lrr'" in err and "did you mean 'lr'" in err
     # a layout the trainer would reject at start-up, caught here: 16 sequences do not split over 3 ranks
     code, _, err = cli(capsys, "--config", TINY, "--gpus-per-node", "3", f"train.out_dir={tmp_path}/r")
-    assert code == 2 and "train.global_batch_size: 16 does not split into 3 rank(s)" in err
+    assert code == 2 and "train.global_batch_size: 16 does not split into 3 data-parallel rank(s)" in err
     code, _, err = cli(capsys, "--config", TINY, "--gpus-per-node", "2", "parallel.ep=4", "--dry-run")
     assert code == 2 and "parallel.ep: 4 must divide" in err
     code, _, err = cli(capsys, "--config", TINY, "--slurm", "--dry-run")

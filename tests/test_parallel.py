@@ -150,7 +150,12 @@ def test_parallel_dims_validation_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"n_routed_experts=6 is not divisible by parallel.ep=4"):
         ParallelDims.from_config(P, world=4, n_routed_experts=6)
     P.dp_shard = 2
-    with pytest.raises(ConfigError, match=r"^parallel\.dp_shard: 2 must equal the world size 4"):
+    with pytest.raises(ConfigError, match=r"^parallel\.dp_shard: 2 must equal world / parallel.pp = 4"):
         ParallelDims.from_config(P, world=4, n_routed_experts=8)
     P.dp_shard, P.ep = -1, -1
     assert ParallelDims.from_config(P, world=4, n_routed_experts=8) == ParallelDims(4, 4, 4)
+    P.pp = 3
+    with pytest.raises(ConfigError, match=r"^parallel\.pp: 3 pipeline stages do not divide the world of 4 ranks"):
+        ParallelDims.from_config(P, world=4, n_routed_experts=8)
+    P.pp, P.dp_shard = 2, 2
+    assert ParallelDims.from_config(P, world=4, n_routed_experts=8) == ParallelDims(4, 2, 2, pp=2)

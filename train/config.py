@@ -23,6 +23,8 @@ from optim.builder import registered_optimizers
 from optim.muon import NS_DTYPES
 from optim.schedules import DECAY_SHAPES, SCHEDULES, LRSchedule
 from parallel.mesh import ParallelDims
+from parallel.pipeline import SCHEDULES as PP_SCHEDULES
+from parallel.pipeline import virtual_stages
 
 
 @dataclass
@@ -73,6 +75,13 @@ class ParallelConfig:
     # When FSDP2 reduce-scatters gradients: once per optimizer `step` (the micro-batches accumulate unsharded fp32
     # gradients in between: one collective, more memory) or after every `micro_batch` (gradients stay sharded).
     grad_sync: str = "step"
+    # Pipeline parallelism (torch.distributed.pipelining): `pp` stages, the outermost mesh dim (world = pp x dp).
+    pp: int = 1
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv | dualpipev
+    pp_virtual_stages: int = -1  # stages per rank; -1 = the schedule's (1 for gpipe/1f1b, 2 otherwise)
+    # FSDP2 frees a block's gathered weights after its forward (true) or keeps them to its backward (false);
+    # auto: false under a pipeline (micro-batches would gather the same weights again), true otherwise.
+    reshard_after_forward: str = "auto"
 
 
 @dataclass
@@ -91,6 +100,9 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; null = torch's default
     max_bad_steps: int = 5  # non-finite loss/grad-norm steps in a row that are skipped before the run stops
     sample_log: bool = False  # append each rank's global sample indices per step to <out_dir>/samples/
+    # Micro-batches per pipeline run (parallel.pp > 1); -1 = all of the step's (one run per step). A smaller
+    # number that divides them runs the pipeline several times per step, accumulating gradients (more bubble).
+    pp_microbatches: int = -1
 
 
 @dataclass
@@ -303,6 +315,16 @@ def validate(cfg: ExperimentConfig) -> None:
         need(value == -1 or value >= 1, f"parallel.{key}", f"must be -1 (the rest of the world) or >= 1, got {value}")
     one_of("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, ("none", "selective", "full"))
     one_of("parallel.grad_sync", cfg.parallel.grad_sync, ("step", "micro_batch"))
+    at_least("parallel.pp", cfg.parallel.pp, 1)
+    one_of("parallel.pp_schedule", cfg.parallel.pp_schedule, tuple(PP_SCHEDULES))
+    need(cfg.parallel.pp_virtual_stages == -1 or cfg.parallel.pp_virtual_stages >= 1, "parallel.pp_virtual_stages",
+         f"must be -1 (the schedule's default) or >= 1, got {cfg.parallel.pp_virtual_stages}")
+    one_of("parallel.reshard_after_forward", str(cfg.parallel.reshard_after_forward).lower(), ("auto", "true", "false"))
+    need(t.pp_microbatches == -1 or t.pp_microbatches >= 1, "train.pp_microbatches",
+         f"must be -1 (all of the step's micro-batches) or >= 1, got {t.pp_microbatches}")
+    need(not (cfg.parallel.pp > 1 and cfg.model.tie_word_embeddings), "parallel.pp",
+         "a pipeline cannot tie the embedding and the LM head (model.tie_word_embeddings): they live on the first "
+         "and the last stage")
     at_least("parallel.timeout_minutes", cfg.parallel.timeout_minutes, 1)
     # checkpoint
     at_least("checkpoint.interval", cfg.checkpoint.interval, 0, " (0 = only at the end)")
@@ -325,13 +347,35 @@ def validate_layout(cfg: ExperimentConfig, world: int) -> ParallelDims:
     and `parallel.dp_shard` against the world and the experts, and the global batch split into `world` ranks
     x whole micro-batches. `python -m launch` runs it before starting anything; the trainer at start-up."""
     dims = ParallelDims.from_config(cfg.parallel, world, cfg.model.n_routed_experts)
-    t = cfg.train
-    if t.global_batch_size % world or (t.global_batch_size // world) % t.micro_batch_size:
-        step = world * t.micro_batch_size
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} does not split into {world} rank(s) x "
-                          f"whole micro-batches of train.micro_batch_size={t.micro_batch_size}; allowed: a multiple "
-                          f"of {step}, or at most {t.global_batch_size // t.micro_batch_size} rank(s)")
+    t, dp = cfg.train, dims.dp_shard
+    if t.global_batch_size % dp or (t.global_batch_size // dp) % t.micro_batch_size:
+        step = dp * t.micro_batch_size
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} does not split into {dp} data-parallel "
+                          f"rank(s) x whole micro-batches of train.micro_batch_size={t.micro_batch_size}; allowed: a "
+                          f"multiple of {step}, or at most {t.global_batch_size // t.micro_batch_size} rank(s)")
+    if dims.pp > 1:
+        micro_batches = t.global_batch_size // dp // t.micro_batch_size
+        per_run = pipeline_microbatches(cfg, dims)
+        if micro_batches % per_run:
+            raise ConfigError(f"train.pp_microbatches: {per_run} does not divide the step's {micro_batches} "
+                              f"micro-batches per data-parallel rank (train.global_batch_size / ({dp} ranks x "
+                              f"train.micro_batch_size))")
+        v = virtual_stages(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages)
+        if cfg.model.num_hidden_layers < dims.pp * v:
+            raise ConfigError(f"parallel.pp: {dims.pp} x {v} virtual stages need at least {dims.pp * v} layers, "
+                              f"model.num_hidden_layers is {cfg.model.num_hidden_layers}")
+        if cfg.parallel.pp_schedule == "dualpipev" and per_run < 2 * dims.pp:
+            raise ConfigError(f"train.pp_microbatches: dualpipev needs at least 2 x parallel.pp = {2 * dims.pp} "
+                              f"micro-batches per run, got {per_run}")
     return dims
+
+
+def pipeline_microbatches(cfg: ExperimentConfig, dims: ParallelDims) -> int:
+    """Micro-batches per pipeline run: `train.pp_microbatches`, or all of the step's (-1)."""
+    t = cfg.train
+    if t.pp_microbatches != -1:
+        return t.pp_microbatches
+    return t.global_batch_size // dims.dp_shard // t.micro_batch_size
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -24,16 +24,19 @@ from models import Transformer
 from models.flops import flops_per_token
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
 from parallel import (
+    PipelinePlan,
+    StageModule,
     all_reduce_max,
-    all_reduce_mean,
     all_reduce_sum,
     build_mesh,
     clip_grad_norm_,
     init_distributed,
     parallelize,
+    plan_pipeline,
 )
+from parallel.pipeline import LMLoss, build_schedule, forward_only, gather_stage_stats
 from train.checkpoint import Checkpointer, find_resume, list_checkpoints, load_checkpoint, read_train_state
-from train.config import ExperimentConfig, to_yaml, validate_layout
+from train.config import ExperimentConfig, pipeline_microbatches, to_yaml, validate_layout
 from train.metrics import MetricsLogger, detect_peak_tflops, peak_memory_gb
 from train.resume import check_resume
 from train.signals import stop_signals
@@ -61,17 +64,24 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | None = None,
-                param_dtype: torch.dtype | None = None) -> Transformer:
+                param_dtype: torch.dtype | None = None, pipeline: PipelinePlan | None = None,
+                ) -> tuple[Transformer, list[StageModule] | None]:
     """Construct on the meta device (no memory), apply parallelism from outside, materialize on `device`
     and initialise: the weights depend only on the seed, not on the number of ranks or the layout.
-    `param_dtype`: FSDP2's compute dtype for the weights (they stay fp32 in storage); needs a mesh."""
+    `param_dtype`: FSDP2's compute dtype for the weights (they stay fp32 in storage); needs a mesh.
+    `pipeline`: this rank's stages; the model then holds only their layers. Returns the model and the stage
+    views (None without a pipeline)."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                param_dtype=param_dtype, compile=cfg.train.compile)
+    reshard = {"auto": None, "true": True, "false": False}[str(cfg.parallel.reshard_after_forward).lower()]
+    stages = parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                         param_dtype=param_dtype, compile=cfg.train.compile, pipeline=pipeline,
+                         reshard_after_forward=reshard)
     model.to_empty(device=device)
     model.init_weights(seed=cfg.train.seed)
-    return model
+    for stage in stages or []:
+        stage.reset_balance_loss()
+    return model, stages
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,19 +120,35 @@ class Trainer:
         use_fsdp = self.world > 1 or self.compute_dtype is not None
         self.mesh = build_mesh(self.dims, self.device.type) if use_fsdp else None
         torch.manual_seed(t.seed)
+        # The ranks of a pipeline stage are its data-parallel ranks; the ranks of one data-parallel coordinate
+        # (one per stage) read the same batch.
+        self.dp_rank, self.dp_world = (self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()) if use_fsdp else (0, 1)
+        self.accum_steps = t.global_batch_size // self.dp_world // t.micro_batch_size
 
-        self.accum_steps = t.global_batch_size // self.world // t.micro_batch_size
-
-        self.model = build_model(cfg, self.device, self.mesh, param_dtype=self.compute_dtype)
+        self.pipeline = None
+        if self.dims.pp > 1:
+            p = cfg.parallel
+            self.pipeline = plan_pipeline(cfg.model, cfg.data.seq_len, self.dims.pp, p.pp_schedule,
+                                          p.pp_virtual_stages, self.mesh["pp"].get_local_rank())
+        self.model, self.stages = build_model(cfg, self.device, self.mesh, param_dtype=self.compute_dtype,
+                                              pipeline=self.pipeline)
+        self._pp_group = self.mesh["pp"].get_group() if self.pipeline is not None else None
+        if self.stages is not None:
+            self._pp_microbatches = pipeline_microbatches(cfg, self.dims)
+            self._lm_loss = LMLoss(1.0 / self.accum_steps)
+            self.schedule = build_schedule(self.stages, self.pipeline, self._pp_group, self.device,
+                                           self._pp_microbatches, self._lm_loss, t.micro_batch_size,
+                                           cfg.data.seq_len, self.compute_dtype)
         self.optimizer = build_optimizer(self.model, dataclasses.asdict(cfg.optim))
         _, self._qk_clip = register_post_step_hooks(self.optimizer, self.model, cfg.optim.qk_clip_tau)
         # Statistics are reduced over the ranks that see different tokens for the same weights: every
-        # data-parallel rank (the flattened "dp" dim, expert parallelism included), never implicitly WORLD.
+        # data-parallel rank of the stage (the flattened "dp" dim, expert parallelism included), never across
+        # pipeline stages, never implicitly WORLD.
         self._stats_group = self.mesh["dp"].get_group() if self.mesh is not None else None
         self._stop_seen = 0.0
         self.train_loader, self.val_dataset, self.tokenizer = build_loaders(
             cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size, seed=t.seed,
-            dp_rank=self.rank, dp_world=self.world, vocab_size=cfg.model.vocab_size)
+            dp_rank=self.dp_rank, dp_world=self.dp_world, vocab_size=cfg.model.vocab_size)
 
         self.step = 0
         self.tokens_seen = 0
@@ -158,13 +184,45 @@ class Trainer:
             self._sample_log = open(log_dir / f"rank{self.rank}.txt", "a", encoding="utf-8")  # noqa: SIM115
 
     # --- one optimizer step ---------------------------------------------------------------------
+    def _document_kwargs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Packed documents do not attend to each other: their rotary positions and ids, when masking."""
+        if not self.cfg.data.document_masking:
+            return {}
+        return dict(zip(("positions", "document_ids"), document_positions(inputs, self.tokenizer.eos_id), strict=True))
+
+    def _run_pipeline(self, inputs: torch.Tensor, targets: torch.Tensor, train: bool = True,
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's stages over the batch, as `train.pp_microbatches`-sized pipeline runs: forward and (if
+        `train`) backward. Returns (sum of the micro-batches' language-model losses, sum of their balance losses,
+        number of micro-batches); the losses are this rank's part: the LM loss only on the last stage, the
+        balance loss of this rank's layers."""
+        holds_first = any(s.is_first for s in self.stages)
+        holds_last = any(s.is_last for s in self.stages)
+        for stage in self.stages:
+            stage.reset_balance_loss()
+            stage.balance_grad_scale = 1.0 / self.accum_steps
+        self._lm_loss.scale = 1.0 / self.accum_steps if train else 1.0
+        per_run = self._pp_microbatches * self.cfg.train.micro_batch_size
+        losses: list[torch.Tensor] = []
+        for start in range(0, inputs.shape[0], per_run):
+            x = inputs[start:start + per_run].to(self.device, non_blocking=True)
+            y = targets[start:start + per_run].to(self.device, non_blocking=True)
+            if not train:
+                losses += forward_only(self.stages, self.pipeline, self._pp_group, x, y, self._lm_loss,
+                                       self.cfg.train.micro_batch_size, self.compute_dtype,
+                                       **self._document_kwargs(x))
+                continue
+            args = (x,) if holds_first else ()
+            last = dict(target=y, losses=losses) if holds_last else {}
+            self.schedule.step(*args, **last, **self._document_kwargs(x))
+        lm = torch.stack([loss.detach() for loss in losses]).sum() / self._lm_loss.scale if losses else \
+            torch.zeros((), device=self.device)
+        balance = sum((s.balance_loss for s in self.stages), torch.zeros((), device=self.device))
+        return lm, balance, inputs.shape[0] // self.cfg.train.micro_batch_size
+
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = inputs.to(self.device, non_blocking=True)
-        extra = {}
-        if self.cfg.data.document_masking:  # packed documents do not attend to each other
-            extra = dict(zip(("positions", "document_ids"), document_positions(inputs, self.tokenizer.eos_id),
-                             strict=True))
-        out = self.model(inputs, **extra)  # in the compute dtype of FSDP2's policy; the router in fp32
+        out = self.model(inputs, **self._document_kwargs(inputs))  # in FSDP2's compute dtype; the router in fp32
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), targets.to(self.device).flatten())
         return lm, out.balance_loss
 
@@ -186,7 +244,9 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         mb = cfg.train.micro_batch_size
         sync_each = cfg.parallel.grad_sync == "micro_batch"
-        for i in range(self.accum_steps):
+        if self.stages is not None:  # the schedule runs the micro-batches; torch's stages sync FSDP once per run
+            lm_sum, aux_sum, _ = self._run_pipeline(inputs, targets)
+        for i in range(self.accum_steps if self.stages is None else 0):
             if self.mesh is not None:  # FSDP2: reduce-scatter after the last micro-batch only (unless asked for each)
                 model.set_requires_gradient_sync(sync_each or i == self.accum_steps - 1)
             lm, aux = self._loss(inputs[i * mb:(i + 1) * mb], targets[i * mb:(i + 1) * mb])
@@ -195,24 +255,31 @@ class Trainer:
             aux_sum += aux.detach()
 
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(model.parameters(), clip)  # global norm over all ranks' shards
+        grad_norm = clip_grad_norm_(model.parameters(), clip)  # global norm over all ranks' shards, all stages
         lr = self.optimizer.param_groups[0]["lr"]
         # All of the step's statistics in one bucket per reduction op, over the ranks that see other tokens for
         # the same weights: losses (weighted by tokens), expert loads and drops summed; max logits and the stop
         # flag maxed. The model takes the global values back for the post-step hooks.
         stats = model.stats_buckets()
+        # Under a pipeline the LM loss (and its token count) comes from the last stage only; every stage adds
+        # the balance loss of its layers. The stages' totals are then added up over the pipeline ranks.
+        lm_here = self.stages is None or any(s.is_last for s in self.stages)
         ntok = torch.tensor(float(targets.numel()), device=self.device)
-        losses = torch.stack([lm_sum / self.accum_steps * ntok, aux_sum / self.accum_steps * ntok, ntok])
+        losses = torch.stack([lm_sum / self.accum_steps * ntok * lm_here, aux_sum / self.accum_steps * ntok,
+                              ntok * lm_here])
         summed = all_reduce_sum(torch.cat([stats.sum, losses.double()]), self._stats_group)
         stop = torch.tensor([0.0 if stop_signals.received is None else 1.0], device=self.device)
         maxed = all_reduce_max(torch.cat([stats.max, stop]), self._stats_group)
         stats.sum, stats.max = summed[:-3], maxed[:-1]
         model.load_stats(stats)
-        lm_loss, aux_loss = summed[-3] / summed[-1], summed[-2] / summed[-1]
+        totals = torch.cat([summed[-3:], maxed[-1:].double()])
+        if self._pp_group is not None:
+            totals = all_reduce_sum(totals, self._pp_group)
+        lm_loss, aux_loss = totals[0] / totals[2], totals[1] / totals[2]
         loss = lm_loss + aux_loss  # what the gradients are of
         # Every rank has the same global loss and norm, so all of them take the same branch (sync 1 of 2).
         finite, self._stop_seen = (torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm),
-                                                maxed[-1] > 0]).tolist())
+                                                totals[3] > 0]).tolist())
         if finite:
             self.optimizer.step()  # then its post-step hooks: router-bias update, QK-Clip (train/step_hooks.py)
             self._bad_in_a_row = 0
@@ -220,7 +287,7 @@ class Trainer:
         self.scheduler.step()  # the schedule follows the step count, skipped or not
 
         self.step += 1
-        tokens = inputs.numel() * self.world
+        tokens = inputs.numel() * self.dp_world
         self.tokens_seen += tokens
         record = StepRecord()
         for name, value in (("loss", loss), ("lm_loss", lm_loss), ("balance_loss", aux_loss),
@@ -228,7 +295,10 @@ class Trainer:
             record.scalar(name, value)
         clipped = self._qk_clip.clipped if finite and self._qk_clip is not None else None
         with_shares = self.step % cfg.logging.expert_load_interval == 0 or self.step == 1  # for the heatmap
-        record.add_stats(stats, clipped, model.router_bias_spread(), with_shares)
+        spread = model.router_bias_spread()
+        if self._pp_group is not None:  # every layer's statistics in every stage's record
+            stats, clipped, spread = gather_stage_stats(stats, clipped, spread, cfg.model, self._pp_group)
+        record.add_stats(stats, clipped, spread, with_shares)
         rec: dict[str, Any] = {"step": self.step, **record.to_host()}  # sync 2 of 2
         dt = time.perf_counter() - t0
         if not finite:
@@ -283,14 +353,20 @@ class Trainer:
         # number of ranks: each rank takes its slice of each, in micro-batches, so val loss is comparable.
         mb = cfg.train.micro_batch_size
         for inputs, targets in eval_batches(self.val_dataset, cfg.train.global_batch_size, cfg.train.eval_batches,
-                                            dp_rank=self.rank, dp_world=self.world):
+                                            dp_rank=self.dp_rank, dp_world=self.dp_world):
+            if self.stages is not None:  # the last stage has the losses; the others add nothing
+                lm, _, count = self._run_pipeline(inputs, targets, train=False)
+                if any(s.is_last for s in self.stages):
+                    total, n = total + lm.item(), n + count
+                continue
             for i in range(0, inputs.shape[0], mb):
                 lm, _ = self._loss(inputs[i:i + mb], targets[i:i + mb])
                 total += lm.item()
                 n += 1
         self.model.reset_max_logits()
         self.model.train()
-        (loss,) = all_reduce_mean([total / max(n, 1)], self.device)
+        total, n = all_reduce_sum(torch.tensor([total, float(n)], device=self.device, dtype=torch.float64)).tolist()
+        loss = total / max(n, 1.0)
         return {"step": self.step, "split": "val", "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     # --- checkpointing --------------------------------------------------------------------------
