@@ -203,6 +203,21 @@ def run_script(tmp_path: Path, job: Job, **env: str) -> tuple[subprocess.Popen, 
     return proc, log
 
 
+def test_pipeline_layout_passes_through_torchrun_and_slurm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """parallel.pp reaches every rank's trainer verbatim, after the launcher checked it against the world."""
+    layout = ["parallel.pp=4", "parallel.ep=2", "parallel.pp_schedule=interleaved_1f1b", "train.micro_batch_size=1",
+              "train.global_batch_size=32", "model.num_hidden_layers=8", "checkpoint.interval=100",
+              f"train.out_dir={tmp_path}/r"]
+    for mode in (["--nodes", "1"], ["--slurm", "--nodes", "2"]):
+        code, out, err = cli(capsys, "--config", TINY, *mode, "--gpus-per-node", "8", "--dry-run", *layout)
+        assert code == 0 and err == "", err
+        assert all(o in out for o in layout[:3])
+    # 4 stages x 2 virtual need 8 layers; tiny has 4: refused before anything starts
+    code, _, err = cli(capsys, "--config", TINY, "--slurm", "--nodes", "2", "--gpus-per-node", "8", "--dry-run",
+                       *layout[:5], f"train.out_dir={tmp_path}/r")
+    assert code == 2 and "parallel.pp: 4 x 2 virtual stages need at least 8 layers" in err
+
+
 def test_sbatch_script_runs_torchrun_on_every_node_and_requeues_on_sigusr1(tmp_path: Path) -> None:
     job = Job(config=TINY, overrides=("train.steps=5", TRICKY), nodes=2, nproc_per_node=8, max_restarts=3)
     proc, log = run_script(tmp_path, job)

@@ -26,11 +26,11 @@ pytestmark = pytest.mark.slow  # half a minute per preset on 2 cores, 5 GB of me
 SMALL_VOCAB = ["model.vocab_size=4096", "model.bos_token_id=0", "model.eos_token_id=1"]
 
 
-def _simulate(preset: str, layers: int, rank: int) -> dict:
+def _simulate(preset: str, layers: int, rank: int, *flags: str, ep: int = 64, overrides: tuple[str, ...] = ()) -> dict:
     """The command's JSON report, from a fresh process (one process plays one rank of one world)."""
     done = subprocess.run([sys.executable, "-m", "tools.simulate", "--config", f"configs/{preset}.yaml", "--gpus",
-                           "2048", "--ep", "64", "--rank", str(rank), "--layers", str(layers), "--json", *SMALL_VOCAB],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "2048", "--ep", str(ep), "--rank", str(rank), "--layers", str(layers), "--json",
+                           *flags, *SMALL_VOCAB, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -99,6 +99,34 @@ def test_world_2048_step(preset: str, layers: int, rank: int) -> None:
     # Per-rank state from the code's own objects: fp32 shards, a gradient for each, Muon / AdamW state.
     assert sim["grad_bytes"] == sim["param_bytes"]
     assert sim["param_bytes"] <= sim["optimizer_state_bytes"] <= 2 * sim["param_bytes"]
+
+
+# The published layouts: K2 pp 16 (interleaved 1F1B, 2 stages per rank) x ep 16; DeepSeek-V3 pp 16 (DualPipeV) x
+# ep 64. 32 layers: two per stage, as the full depth gives each rank about four.
+@pytest.mark.parametrize("preset,ep,schedule,rank,stages", [("k2-1t", 16, "interleaved_1f1b", 2047, [15, 31]),
+                                                             ("deepseek-v3-671b", 64, "dualpipev", 130, [1, 30])])
+def test_world_2048_pipeline_step(preset: str, ep: int, schedule: str, rank: int, stages: list[int]) -> None:
+    from parallel.pipeline import split_layers
+
+    sim = _simulate(preset, 32, rank, "--pp", "16", ep=ep, overrides=(f"parallel.pp_schedule={schedule}",))
+    assert sim["pp"] == 16
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", [*SMALL_VOCAB, "model.num_hidden_layers=32"]).model
+    split = split_layers(cfg, 32, 32)
+    mine = sorted(i for s in stages for i in split[s])
+    layers = {int(n.split(".")[1]) for n in sim["params"] if n.startswith("layers.")}
+    assert sorted(layers) == mine  # only its stages' layers were built
+    assert ("lm_head.weight" in sim["params"]) == (31 in stages)
+    assert ("embed_tokens.weight" in sim["params"]) == (0 in stages)
+    # FSDP and Newton–Schulz inside the stage's 128 data-parallel ranks, the all-to-all inside ep, activations
+    # point-to-point; only the gradient-norm all-reduce spans the world
+    calls = {(c["phase"], c["op"], c["group_size"]): c for c in sim["collectives"]}
+    assert {g for (_, op, g) in calls if op in ("all_gather", "reduce_scatter")} <= {128, 128 // ep}
+    assert {g for (_, op, g) in calls if op == "all_to_all"} <= {ep, 128}
+    assert [g for (_, op, g) in calls if g == 2048] == [2048] and ("reduce", "all_reduce", 2048) in calls
+    assert {op for (_, op, _) in calls} >= {"p2p send", "p2p recv"}
+    stage_ranks = set(range(rank // 128 * 128, rank // 128 * 128 + 128))
+    assert {o[2] for o in sim["newton_schulz"]["owners"]} <= stage_ranks
+    assert sim["newton_schulz"]["full_depth"]["owner_ranks"] == 128
 
 
 def test_planner_simulate_mode_prints_the_report(capsys: pytest.CaptureFixture) -> None:

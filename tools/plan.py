@@ -47,9 +47,11 @@ from torch import nn
 from models.config import ConfigError, ModelConfig
 from models.flops import flops_breakdown, flops_per_token
 from models.transformer import Transformer
+from parallel.pipeline import SCHEDULES, split_layers, stage_ids, virtual_stages
 from tools.plan_activations import POLICIES
 from tools.plan_comms import DEFAULT_PROFILE, Hardware, load_expert_profile
 from tools.plan_layout import Batch, format_layout, layout_sections
+from tools.plan_pipeline import format_pipeline, pipeline_section, stage_of_parameter
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 OPTIMIZERS: tuple[str, ...] = ("adamw", "muon")
@@ -181,6 +183,9 @@ class Layout:
     grad_dtype: str = "fp32"
     optim_dtype: str = "fp32"  # optimizer states (AdamW: 2, Muon: 1 for matrices, 2 for the AdamW rest)
     compute_dtype: str = "bf16"  # dtype of the all-gathered weights the forward runs on
+    pp: int = 1  # pipeline stages (outermost: each stage has gpus / pp data-parallel ranks)
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = -1  # stages per rank; -1 = the schedule's default
 
     def validate(self, cfg: ModelConfig) -> None:
         """Raise PlanError naming the flag and the fix for a layout that cannot be built."""
@@ -194,16 +199,28 @@ class Layout:
             if getattr(self, flag) not in DTYPE_BYTES:
                 raise PlanError(f"--{flag.replace('_', '-')} must be one of {', '.join(DTYPE_BYTES)}, "
                                 f"got '{getattr(self, flag)}'")
+        if self.pp < 1 or self.gpus % self.pp:
+            raise PlanError(f"--pp {self.pp} must be >= 1 and divide --gpus {self.gpus}")
+        if self.pp > 1:
+            try:
+                v = virtual_stages(self.pp_schedule, self.pp_virtual)
+            except ConfigError as e:
+                raise PlanError(str(e).replace("parallel.pp_schedule", "--pp-schedule")
+                                .replace("parallel.pp_virtual_stages", "--pp-virtual")) from e
+            if cfg.num_hidden_layers < self.pp * v:
+                raise PlanError(f"--pp {self.pp} x {v} virtual stages need at least {self.pp * v} layers, the model "
+                                f"has {cfg.num_hidden_layers}")
         if self.ep == 1:
             return
         if cfg.num_moe_layers == 0:
             raise PlanError(f"--ep {self.ep} needs MoE layers, but this model has none; use --ep 1")
         e = cfg.n_routed_experts
-        valid = [d for d in range(1, math.gcd(self.gpus, e) + 1) if self.gpus % d == 0 and e % d == 0]
+        dp = self.gpus // self.pp
+        valid = [d for d in range(1, math.gcd(dp, e) + 1) if dp % d == 0 and e % d == 0]
         hint = f"; --ep values that fit --gpus {self.gpus} and {e} experts: {', '.join(map(str, valid))}"
-        if self.gpus % self.ep:
-            raise PlanError(f"--gpus {self.gpus} is not divisible by --ep {self.ep}: expert parallelism "
-                            f"splits the ranks into groups of ep{hint}")
+        if (self.gpus // self.pp) % self.ep:
+            raise PlanError(f"--gpus {self.gpus} / --pp {self.pp} is not divisible by --ep {self.ep}: expert "
+                            f"parallelism splits each stage's ranks into groups of ep{hint}")
         if e % self.ep:
             raise PlanError(f"n_routed_experts={e} is not divisible by --ep {self.ep}: every EP rank must "
                             f"hold the same number of whole experts{hint}")
@@ -235,20 +252,26 @@ def _is_muon_matrix(name: str, p: nn.Parameter) -> bool:
     return cat not in ("embedding", "lm_head") and p.ndim in (2, 3)
 
 
-def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout) -> MemoryEstimate:
+def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout,
+                   seq_len: int = DEFAULT_SEQ_LEN) -> MemoryEstimate:
     """Per-GPU memory of weights, gradients and optimizer states under `layout`, plus the largest
     transient all-gather. Assumes even sharding (FSDP2 pads each tensor's sharded dim to a multiple of the
-    shard count; negligible when experts are sharded on a dim that divides, e.g. Shard(1))."""
+    shard count; negligible when experts are sharded on a dim that divides, e.g. Shard(1)). Under a pipeline:
+    a GPU of the pipeline rank holding the most parameters (its stages' layers, split as the trainer splits them
+    at `seq_len`), sharded over the gpus / pp ranks of a stage."""
     model = meta_model(model_or_cfg) if isinstance(model_or_cfg, ModelConfig) else model_or_cfg
     cfg: ModelConfig = model.cfg
     layout.validate(cfg)
-    n, ep = layout.gpus, layout.ep
+    n, ep = layout.gpus // layout.pp, layout.ep
+    on_rank = _heaviest_pipeline_rank(model, cfg, layout, seq_len)
     state_slots = {"adamw": (2, 2), "muon": (1, 2)}[layout.optimizer]  # (matrix, other) states per param
 
     held = 0.0  # parameters on one GPU
     state_params = 0.0  # parameter-states on one GPU (params x states)
     units: dict[str, float] = {}  # FSDP unit -> parameters it all-gathers on one GPU
     for name, p in model.named_parameters():
+        if not on_rank(name):
+            continue
         numel = p.numel()
         expert = param_category(name) == "routed_experts"
         # Experts: 1/ep of them by EP, then 1/(n/ep) by FSDP -> numel/n; dense: numel/n by FSDP.
@@ -262,9 +285,12 @@ def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout) -> M
 
     largest = max(units, key=units.__getitem__)
     b = DTYPE_BYTES
+    stage = (f"the pipeline rank with the most parameters (pp={layout.pp}, {layout.pp_schedule}); "
+             if layout.pp > 1 else "")
     assumptions = [
-        "weights, grads and optimizer states fully sharded (FSDP / ZeRO-3); dense params over all "
-        f"{n} ranks, routed experts over ep={ep} (whole experts) x fsdp={n // ep}",
+        f"{stage}weights, grads and optimizer states fully sharded (FSDP / ZeRO-3); dense params over all "
+        f"{n} ranks{' of a stage' if layout.pp > 1 else ''}, routed experts over ep={ep} (whole experts) x "
+        f"fsdp={n // ep}",
         "even sharding: FSDP2's per-tensor dim padding ignored",
         f"optimizer {layout.optimizer}: "
         + ("AdamW 2 states for every param" if layout.optimizer == "adamw"
@@ -285,6 +311,20 @@ def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout) -> M
     )
 
 
+def _heaviest_pipeline_rank(model: nn.Module, cfg: ModelConfig, layout: Layout, seq_len: int):  # noqa: ANN202
+    """A predicate on parameter names: those of the pipeline rank holding the most parameters (all without one)."""
+    if layout.pp == 1:
+        return lambda name: True
+    v = virtual_stages(layout.pp_schedule, layout.pp_virtual)
+    split = split_layers(cfg, layout.pp * v, seq_len)
+    rank_of = {s: r for r in range(layout.pp) for s in stage_ids(layout.pp_schedule, layout.pp, v, r)}
+    per_rank = [0] * layout.pp
+    for name, p in model.named_parameters():
+        per_rank[rank_of[stage_of_parameter(name, split)]] += p.numel()
+    heaviest = max(range(layout.pp), key=per_rank.__getitem__)
+    return lambda name: rank_of[stage_of_parameter(name, split)] == heaviest
+
+
 # --- config loading ---------------------------------------------------------------------------------
 @dataclass
 class PlanInput:
@@ -299,6 +339,9 @@ class PlanInput:
     activation_checkpointing: str | None = None  # parallel.activation_checkpointing
     grad_sync: str | None = None  # parallel.grad_sync
     ns_steps: int | None = None  # optim.ns_steps
+    pp: int | None = None  # parallel.pp
+    pp_schedule: str | None = None  # parallel.pp_schedule
+    pp_virtual: int | None = None  # parallel.pp_virtual_stages
 
 
 def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> PlanInput:
@@ -330,7 +373,9 @@ def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> Pla
                      optimizer=opt if opt in OPTIMIZERS else None, ep=int(ep) if ep is not None else None,
                      micro_batch=opt_int("train.micro_batch_size"), global_batch=opt_int("train.global_batch_size"),
                      activation_checkpointing=opt_str("parallel.activation_checkpointing"),
-                     grad_sync=opt_str("parallel.grad_sync"), ns_steps=opt_int("optim.ns_steps"))
+                     grad_sync=opt_str("parallel.grad_sync"), ns_steps=opt_int("optim.ns_steps"),
+                     pp=opt_int("parallel.pp"), pp_schedule=opt_str("parallel.pp_schedule"),
+                     pp_virtual=opt_int("parallel.pp_virtual_stages"))
 
 
 def validate_batch(batch: Batch, layout: Layout, hw: Hardware) -> None:
@@ -342,10 +387,17 @@ def validate_batch(batch: Batch, layout: Layout, hw: Hardware) -> None:
                         f"got '{batch.activation_checkpointing}'")
     if batch.grad_sync not in ("step", "micro_batch"):
         raise PlanError(f"--grad-sync must be step or micro_batch, got '{batch.grad_sync}'")
-    gb, step = batch.global_batch, layout.gpus * batch.micro_batch
+    dp = layout.gpus // layout.pp
+    gb, step = batch.global_batch, dp * batch.micro_batch
     if gb is not None and (gb < 1 or gb % step):
-        raise PlanError(f"global batch {gb} is not a multiple of --gpus x --micro-batch = {layout.gpus} x "
-                        f"{batch.micro_batch} = {step}: every rank runs whole micro-batches (set --global-batch)")
+        ranks = f"--gpus / --pp = {dp}" if layout.pp > 1 else f"--gpus = {dp}"
+        raise PlanError(f"global batch {gb} is not a multiple of data-parallel ranks x --micro-batch ({ranks}, "
+                        f"x {batch.micro_batch} = {step}): every rank runs whole micro-batches (set --global-batch)")
+    if layout.pp > 1 and layout.pp_schedule == "dualpipev":
+        micro = (gb or step) // step
+        if micro < 2 * layout.pp:
+            raise PlanError(f"dualpipev needs at least 2 x --pp = {2 * layout.pp} micro-batches per step, the batch "
+                            f"gives {micro} (raise --global-batch)")
     g = hw.gpus_per_node
     if layout.gpus > g and layout.gpus % g:
         raise PlanError(f"--gpus {layout.gpus} spans more than one node of {g} GPUs but is not a multiple of "
@@ -376,7 +428,7 @@ def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "
     fwd_total = sum(fwd.values())
     train = 3 * fwd_total
     approx = approx_flops_per_token(cfg, params, seq_len)
-    mem = memory_per_gpu(model, layout)
+    mem = memory_per_gpu(model, layout, seq_len)
     gib = 2.0**30
     plan: dict[str, Any] = {
         "config": source,
@@ -410,8 +462,18 @@ def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "
     }
     source_note = (f"{profile_path.name}" + (" (measured on a tiny run; see its note)"
                                               if profile_path == DEFAULT_PROFILE else ""))
+    if layout.pp > 1:
+        dp = layout.gpus // layout.pp
+        micro = (batch.global_batch or dp * batch.micro_batch) // dp // batch.micro_batch
+        try:
+            plan["pipeline"] = pipeline_section(model, cfg, seq_len, layout, batch.micro_batch, micro,
+                                                batch.activation_checkpointing, DTYPE_BYTES[layout.compute_dtype],
+                                                mem.total / mem.params_per_gpu, param_category)
+        except ValueError as e:
+            raise PlanError(f"--pp-schedule {layout.pp_schedule} with {micro} micro-batches per step: {e}") from e
     plan.update(layout_sections(model, cfg, seq_len, layout, batch, hardware, profile, source_note,
-                                param_category, _is_muon_matrix, mem.total, mem.largest_unit_gathered))
+                                param_category, _is_muon_matrix, mem.total, mem.largest_unit_gathered,
+                                plan.get("pipeline")))
     return plan
 
 
@@ -462,7 +524,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     opt = lay["optimizer"]
     gpus = f"{lay['gpus']} GPU" + ("s" if lay["gpus"] > 1 else "")
     lines.append(f"Memory per GPU: {gpus}, ep {lay['ep']} ({m['experts_per_rank']} experts per "
-                 f"rank, expert fsdp {m['expert_fsdp']}), dense fsdp {lay['gpus']}, {opt}")
+                 f"rank, expert fsdp {m['expert_fsdp']}), dense fsdp {lay['gpus'] // lay['pp']}, {opt}"
+                 + (f", pp {lay['pp']} ({lay['pp_schedule']}; the fullest pipeline rank)" if lay["pp"] > 1 else ""))
     lines.append(f"  {'parameters held per GPU':<{w - 2}}{m['params_per_gpu']:>22,.0f}"
                  f"{_human(m['params_per_gpu']):>22}")
     by = m["bytes_per_gpu"]
@@ -478,6 +541,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append("  assumptions:")
     lines += [f"    - {a}" for a in m["assumptions"]]
     lines.append("")
+    if "pipeline" in plan:
+        lines += format_pipeline(plan["pipeline"], lay["pp_schedule"], w)
     lines += format_layout(plan, w)
     return "\n".join(lines)
 
@@ -501,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ep", type=int, default=None,
                         help="expert-parallel degree (default: the config's parallel.ep when it divides "
                              "--gpus and n_routed_experts, else 1)")
+    parser.add_argument("--pp", type=int, default=None,
+                        help="pipeline stages (default: the config's parallel.pp when it divides --gpus, else 1)")
+    parser.add_argument("--pp-schedule", choices=list(SCHEDULES), default=None,
+                        help="pipeline schedule (default: the config's parallel.pp_schedule, else 1f1b)")
+    parser.add_argument("--pp-virtual", type=int, default=None,
+                        help="stages per pipeline rank (default: the config's parallel.pp_virtual_stages, else the "
+                             "schedule's)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                         help="optimizer state layout (default: the config's optim.name, else adamw)")
     for flag, default, what in (("param-dtype", "fp32", "master weights"),
@@ -535,32 +607,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="OmegaConf overrides, e.g. model.num_hidden_layers=30")
     args = parser.parse_args(argv)
 
+    def given(flag: int | None, config: int | None, default: int | None) -> int | None:
+        return flag if flag is not None else config if config is not None else default
+
     try:
         inp = load_plan_input(args.config, args.overrides)
         seq_len = args.seq_len or inp.seq_len or DEFAULT_SEQ_LEN
+        pp = args.pp
+        if pp is None:
+            pp = inp.pp if inp.pp and args.gpus % inp.pp == 0 else 1
         ep = args.ep
         if ep is None:
-            fits = inp.ep and args.gpus % inp.ep == 0 and inp.cfg.n_routed_experts % inp.ep == 0
+            dp = args.gpus // pp
+            fits = inp.ep and dp % inp.ep == 0 and inp.cfg.n_routed_experts % inp.ep == 0
             ep = inp.ep if fits else 1
         layout = Layout(gpus=args.gpus, ep=ep, optimizer=args.optimizer or inp.optimizer or "adamw",
                         param_dtype=args.param_dtype, grad_dtype=args.grad_dtype,
-                        optim_dtype=args.optim_dtype, compute_dtype=args.compute_dtype)
-        def given(flag: int | None, config: int | None, default: int | None) -> int | None:
-            return flag if flag is not None else config if config is not None else default
-
+                        optim_dtype=args.optim_dtype, compute_dtype=args.compute_dtype, pp=pp,
+                        pp_schedule=args.pp_schedule or inp.pp_schedule or "1f1b",
+                        pp_virtual=given(args.pp_virtual, inp.pp_virtual, -1))
         batch = Batch(micro_batch=given(args.micro_batch, inp.micro_batch, 1),
                       global_batch=given(args.global_batch, inp.global_batch, None),
                       activation_checkpointing=args.activation_checkpointing or inp.activation_checkpointing
                       or "selective",
                       grad_sync=args.grad_sync or inp.grad_sync or "step", ns_steps=inp.ns_steps or 5)
-        step = args.gpus * batch.micro_batch
+        step = args.gpus // pp * batch.micro_batch
         if args.global_batch is None and batch.global_batch and step > 0 and batch.global_batch % step:
             # the config's batch was sized for another layout (e.g. DeepSeek-V3's 15360 with pipeline stages):
             # plan the nearest whole number of micro-batches per rank, and say so
             fitted = max(1, int(batch.global_batch / step + 0.5)) * step
             batch = dataclasses.replace(batch, global_batch=fitted, note=(
-                f"train.global_batch_size={batch.global_batch} is not a multiple of --gpus x --micro-batch = "
-                f"{step}; planned with {fitted} (set --global-batch to choose)"))
+                f"train.global_batch_size={batch.global_batch} is not a multiple of data-parallel ranks x "
+                f"--micro-batch = {step}; planned with {fitted} (set --global-batch to choose)"))
         if args.gpus_per_node < 1:
             raise PlanError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
         hardware = Hardware(mfu=args.mfu, gpus_per_node=args.gpus_per_node)

@@ -151,6 +151,9 @@ class CommInputs:
     forward_flops_per_token: int
     ns_flops_total: int  # Newton-Schulz FLOPs of all Muon matrices, one pass (0 for AdamW)
     muon_params: int  # parameters Muon orthogonalizes
+    # Weights gathered once per step and kept (a pipeline stage with reshard_after_forward=false: torch's stages
+    # also keep them between micro-batches' backwards), instead of for each micro-batch's forward and backward.
+    gather_once: bool = False
 
 
 def _group_bandwidth(hw: Hardware, span: int) -> float:
@@ -205,10 +208,10 @@ def estimate(inp: CommInputs, hw: Hardware, profile: list[list[float]] | None) -
     n_dense, n_exp = inp.gpus, inp.gpus // ep
     block_dense = inp.dense_params - inp.root_params
     local_experts = inp.expert_params / ep
-    gathers = inp.micro_batches
-    ag_dense = _ring((2 * block_dense + inp.root_params) * c, n_dense) * gathers
-    ag_exp = _ring(2 * local_experts * c, n_exp) * gathers
-    syncs = inp.micro_batches if inp.grad_sync == "micro_batch" else 1
+    gathers, per_gather = (1, 1) if inp.gather_once else (inp.micro_batches, 2)
+    ag_dense = _ring((per_gather * block_dense + inp.root_params) * c, n_dense) * gathers
+    ag_exp = _ring(per_gather * local_experts * c, n_exp) * gathers
+    syncs = inp.micro_batches if inp.grad_sync == "micro_batch" and not inp.gather_once else 1
     rs_dense = _ring(inp.dense_params * 4, n_dense) * syncs
     rs_exp = _ring(local_experts * 4, n_exp) * syncs
     bw_dense = _group_bandwidth(hw, inp.gpus)

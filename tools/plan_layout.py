@@ -58,11 +58,22 @@ def _split(model: nn.Module, param_category, is_muon_matrix, optimizer: str) -> 
 
 def layout_sections(model: nn.Module, cfg: ModelConfig, seq_len: int, layout: Any, batch: Batch,
                     hw: Hardware, profile: list[list[float]] | None, profile_source: str,
-                    param_category, is_muon_matrix, state_bytes: float, gathered_bytes: float) -> dict[str, Any]:  # noqa: ANN001
-    """The JSON sections "batch", "activations", "communication", "step_time", "fit" of a plan."""
+                    param_category, is_muon_matrix, state_bytes: float, gathered_bytes: float,
+                    pipeline: dict[str, Any] | None = None) -> dict[str, Any]:  # noqa: ANN001
+    """The JSON sections "batch", "activations", "communication", "step_time", "fit" of a plan.
+
+    Under a pipeline (`layout.pp` > 1) the traffic and compute are one stage's: a rank holds 1/pp of the layers
+    (the split balances forward FLOPs), its data-parallel group is gpus / pp, the step time is stretched by
+    the chosen schedule's bubble, the weights are gathered once per step (reshard_after_forward=false, torch's
+    stages keeping them to the last backward), and the fit is that of the fullest pipeline rank (`pipeline`:
+    the plan's pipeline section)."""
+    chosen = pipeline["schedules"][layout.pp_schedule] if pipeline else None
+    bubble = chosen["bubble"] if chosen else 0.0
     c = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}[layout.compute_dtype]
-    gb = batch.global_batch or layout.gpus * batch.micro_batch
-    micro = gb // layout.gpus // batch.micro_batch
+    pp = getattr(layout, "pp", 1)
+    dp = layout.gpus // pp
+    gb = batch.global_batch or dp * batch.micro_batch
+    micro = gb // dp // batch.micro_batch
     tokens = batch.micro_batch * seq_len
 
     acts = {}
@@ -75,14 +86,21 @@ def layout_sections(model: nn.Module, cfg: ModelConfig, seq_len: int, layout: An
     counts = _split(model, param_category, is_muon_matrix, layout.optimizer)
     ns_total = sum(ns_flops(s, batch.ns_steps) for s in counts["shapes"])
     inp = CommInputs(
-        gpus=layout.gpus, ep=layout.ep, tokens_per_micro=tokens, micro_batches=micro, hidden=cfg.hidden_size,
-        top_k=cfg.num_experts_per_tok, num_experts=cfg.n_routed_experts, moe_layers=cfg.num_moe_layers,
+        gpus=dp, ep=layout.ep, tokens_per_micro=tokens, micro_batches=micro, hidden=cfg.hidden_size,
+        top_k=cfg.num_experts_per_tok, num_experts=cfg.n_routed_experts, moe_layers=cfg.num_moe_layers / pp,
         compute_bytes=c, policy=batch.activation_checkpointing, grad_sync=batch.grad_sync,
-        dense_params=counts["dense"], expert_params=counts["experts"], root_params=counts["root"],
-        flops_per_token=flops_per_token(cfg, seq_len), forward_flops_per_token=flops_per_token(cfg, seq_len,
-                                                                                               training=False),
-        ns_flops_total=ns_total, muon_params=counts["muon"])
+        dense_params=counts["dense"] / pp, expert_params=counts["experts"] / pp, root_params=counts["root"] / pp,
+        flops_per_token=flops_per_token(cfg, seq_len) / pp,
+        forward_flops_per_token=flops_per_token(cfg, seq_len, training=False) / pp,
+        ns_flops_total=ns_total / pp, muon_params=counts["muon"] / pp, gather_once=pp > 1)
     est = estimate(inp, hw, profile)
+    if pp > 1:  # a data-parallel rank's tokens pass through pp GPUs; the bubble idles each of them
+        for case in est["step_time"].values():
+            case["pipeline_bubble"] = bubble
+            for key in ("overlapped_seconds", "serial_seconds"):
+                case[key] /= 1.0 - bubble
+            case["tokens_per_s_per_gpu"] *= (1.0 - bubble) / pp
+            case["mfu"] *= 1.0 - bubble
     est["all_to_all"]["skewed"]["profile"] = profile_source
 
     held = acts[batch.activation_checkpointing]
@@ -90,11 +108,16 @@ def layout_sections(model: nn.Module, cfg: ModelConfig, seq_len: int, layout: An
     # unsharded gradient (in the fp32 reduce dtype) from one micro-batch to the next.
     accum = 0.0
     if batch.grad_sync == "step" and micro > 1 and layout.gpus > 1:
-        accum = (counts["dense"] + counts["experts"] / layout.ep) * 4
-    need = state_bytes + held["bytes"] + held["recompute_block_transient"] + gathered_bytes + accum
-    fit = {"bytes": need, "parts": {"state": state_bytes, "activations": held["bytes"],
-                                    "recompute_transient": held["recompute_block_transient"],
-                                    "largest_gather": gathered_bytes, "unsharded_grad_accumulation": accum},
+        accum = (counts["dense"] + counts["experts"] / layout.ep) * 4 / pp
+    parts = {"state": state_bytes, "activations": held["bytes"],
+             "recompute_transient": held["recompute_block_transient"], "largest_gather": gathered_bytes,
+             "unsharded_grad_accumulation": accum}
+    if chosen:  # the fullest pipeline rank: its state, activations in flight, gathered blocks
+        rank = max(chosen["ranks"], key=lambda r: r["total_bytes_reshard_false"])
+        parts.update(state=rank["state_bytes"], activations=rank["activation_bytes"],
+                     largest_gather=rank["gathered_weights_bytes"])
+    need = sum(parts.values())
+    fit = {"bytes": need, "parts": parts,
            "devices": {name: {"memory_bytes": mem, "fits": need <= mem} for name, mem in hw.memory.items()}}
     return {
         "batch": {**asdict(batch), "global_batch": gb, "micro_batches_per_rank": micro,
@@ -224,9 +247,12 @@ def format_layout(plan: dict[str, Any], w: int = 44) -> list[str]:
     fit = plan["fit"]
     p = fit["parts"]
     lines.append(f"{'Fit per GPU (' + act['policy'] + ' recompute)':<{w}}{'bytes':>22}")
-    for label, key in (("state (weights, grads, optimizer)", "state"), ("activations, one micro-batch", "activations"),
+    piped = "pipeline" in plan
+    for label, key in (("state (weights, grads, optimizer)", "state"),
+                       ("activations, " + ("micro-batches in flight" if piped else "one micro-batch"), "activations"),
                        ("one block recomputed in backward", "recompute_transient"),
-                       ("largest FSDP unit gathered", "largest_gather"),
+                       ("blocks kept gathered (pipeline stage)" if piped else "largest FSDP unit gathered",
+                        "largest_gather"),
                        ("unsharded fp32 grads, grad accumulation", "unsharded_grad_accumulation")):
         if p[key]:
             lines.append(f"  {label:<{w - 2}}{_bytes(p[key]):>22}")

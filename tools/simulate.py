@@ -9,6 +9,13 @@ reports are the code's own; the values it computes are not meaningful (gathers r
 forced balanced, the only routing the simulation can make consistent across the ranks it does not run.
 
     python -m tools.simulate --config configs/k2-1t.yaml --gpus 2048 --ep 64 [--layers 3] [--rank 0]
+    python -m tools.simulate --config configs/k2-1t.yaml --gpus 2048 --pp 16 --ep 16   # the published K2 layout
+
+Under a pipeline (`--pp`) the rank builds only its stages (parallel/pipeline.py's split and stage views, FSDP2 on
+each view), runs one micro-batch forward and backward through each of them (a received activation or gradient
+stands in for its neighbour's), and counts the point-to-point traffic at the stage boundaries from their shapes
+(`p2p` rows): the simulated group has no peer to exchange with, so torch's schedule itself is not run. Gradient
+clipping still reduces over the world (every stage's norm); statistics over the stage's data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -36,7 +43,17 @@ from optim import build_optimizer
 from optim.distributed_ns import NSStats, orthogonalize
 from optim.ns_plan import OwnershipPlan, layout_of, plan_ownership
 from optim.param_groups import split_params
-from parallel import ParallelDims, all_reduce_max, all_reduce_sum, build_mesh, clip_grad_norm_, parallelize
+from parallel import (
+    ParallelDims,
+    PipelinePlan,
+    StageModule,
+    all_reduce_max,
+    all_reduce_sum,
+    build_mesh,
+    clip_grad_norm_,
+    parallelize,
+    plan_pipeline,
+)
 from tools.sim_pg import LEDGER, init_simulated_world
 from train.config import ExperimentConfig, load_config
 from train.step_hooks import register_post_step_hooks
@@ -74,6 +91,7 @@ class Simulation:
     world: int
     ep: int
     rank: int
+    pp: int
     layers: int
     tokens: int
     params: dict[str, dict[str, Any]]  # name -> placements, global and local shape
@@ -128,16 +146,50 @@ def ownership(model: Transformer, steps: int) -> OwnershipPlan:
     return plan_ownership([layout_of(p) for _, p in _muon_params(model)], steps)
 
 
-def _meta_model(model_cfg: Any, mesh: Any, cfg: ExperimentConfig) -> Transformer:
-    """The full-depth model, parallelized on `mesh` on the meta device (layouts only, no memory)."""
+def _meta_model(model_cfg: Any, mesh: Any, cfg: ExperimentConfig, plan: PipelinePlan | None) -> Transformer:
+    """The full-depth model (this pipeline rank's stages of it), parallelized on `mesh` on the meta device
+    (layouts only, no memory)."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
-    return parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                       param_dtype=torch.bfloat16)
+    parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                param_dtype=torch.bfloat16, pipeline=plan)
+    return model
+
+
+def _plan(cfg: ExperimentConfig, model_cfg: Any, mesh: Any, pp: int, seq_len: int) -> PipelinePlan | None:
+    if pp == 1:
+        return None
+    p = cfg.parallel
+    return plan_pipeline(model_cfg, seq_len, pp, p.pp_schedule, p.pp_virtual_stages, mesh["pp"].get_local_rank())
+
+
+def _stage_step(stages: list[StageModule], ids: torch.Tensor, dtype: torch.dtype) -> None:
+    """One micro-batch forward through each of this rank's stages, then backward; what a neighbour would send
+    (activations, gradients) is a zero tensor, and its size is recorded as the boundary's point-to-point traffic."""
+    outputs = []
+    for stage in stages:
+        x = ids
+        if not stage.is_first:
+            x = torch.zeros(*ids.shape, stage.rotary.cfg.hidden_size, dtype=dtype, requires_grad=True)
+            LEDGER.add("p2p recv", 2, _nbytes(x), _nbytes(x))
+        out = stage(x)
+        if not stage.is_last:
+            LEDGER.add("p2p send", 2, _nbytes(out), 0)
+        outputs.append(out)
+    LEDGER.phase = "backward"
+    for stage, out in zip(reversed(stages), reversed(outputs), strict=True):
+        if stage.is_last:
+            F.cross_entropy(out.float().flatten(0, 1), ids.flatten()).backward()
+        else:
+            LEDGER.add("p2p recv", 2, _nbytes(out), _nbytes(out))
+            out.backward(torch.zeros_like(out))
+        if not stage.is_first:
+            LEDGER.add("p2p send", 2, ids.numel() * stage.rotary.cfg.hidden_size * out.element_size(), 0)
 
 
 def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: int | None = None,
-             seq_len: int = 32, micro_batch: int = 1, ns_steps: int = 0, keep: bool = False) -> Simulation:
+             seq_len: int = 32, micro_batch: int = 1, ns_steps: int = 0, keep: bool = False,
+             pp: int | None = None) -> Simulation:
     """Run one step of `cfg` as rank `rank` of `world` with `ep`-way expert parallelism (see the module docstring).
     One simulated world per process: torch caches meshes by layout, so a second call in the same process with
     another rank would see the first one's coordinates (the command and the tests run each in a fresh process).
@@ -146,17 +198,19 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     `ns_steps=0` (the default) runs the optimizer's distributed Newton–Schulz without its iterations: ownership,
     packing, the all-to-alls and the scatter back run as in training, the owner's arithmetic does not (minutes
     of CPU per K2 matrix, on meaningless values); FLOPs are counted for the config's iterations. `ns_steps=N`
-    runs N real iterations."""
+    runs N real iterations. `pp` (default: the config's `parallel.pp`): pipeline stages (module docstring)."""
     t0 = time.perf_counter()
+    pp = cfg.parallel.pp if pp is None else pp
     model_cfg = cfg.model if layers is None else dataclasses.replace(cfg.model, num_hidden_layers=layers)
-    dims = ParallelDims.from_config(dataclasses.replace(cfg.parallel, ep=ep, dp_shard=-1), world,
+    dims = ParallelDims.from_config(dataclasses.replace(cfg.parallel, ep=ep, dp_shard=-1, pp=pp), world,
                                     model_cfg.n_routed_experts)
     init_simulated_world(rank, world)
     mesh = build_mesh(dims, "cpu")
+    plan = _plan(cfg, model_cfg, mesh, pp, seq_len)
     with torch.device("meta"):
         model = Transformer(model_cfg)
-    parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                param_dtype=torch.bfloat16)
+    stages = parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                         param_dtype=torch.bfloat16, pipeline=plan)
     model.to_empty(device="cpu")
     model.init_weights(seed=cfg.train.seed)
     optim_cfg = {**dataclasses.asdict(cfg.optim), "ns_steps": ns_steps or cfg.optim.ns_steps}
@@ -177,11 +231,14 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     with forced_balanced_routing(model), _ShapeOnlyGemms():
         LEDGER.phase = "forward"
         marks = {"setup": time.perf_counter() - t0}
-        out = model(ids)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids.flatten()) + out.balance_loss
-        LEDGER.phase = "backward"
-        marks["forward"] = time.perf_counter() - t0
-        loss.backward()
+        if stages is not None:
+            _stage_step(stages, ids, torch.bfloat16)
+        else:
+            out = model(ids)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids.flatten()) + out.balance_loss
+            LEDGER.phase = "backward"
+            marks["forward"] = time.perf_counter() - t0
+            loss.backward()
     marks["backward"] = time.perf_counter() - t0
     LEDGER.phase = "reduce"  # what the trainer reduces per step: the gradient norm and the statistics buckets
     clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
@@ -203,9 +260,11 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
                       if torch.is_tensor(t) and t.dim() > 0)
     steps = cfg.optim.ns_steps
     here = ownership(model, steps)
-    full = here if layers is None else ownership(_meta_model(cfg.model, mesh, cfg), steps)
+    full = here if layers is None else ownership(_meta_model(cfg.model, mesh, cfg, _plan(cfg, cfg.model, mesh, pp,
+                                                                                          seq_len)), steps)
     loads = full.per_rank()
-    flops = [loads[r].flops if r in loads else 0 for r in range(world)]
+    owners = mesh["dp"].mesh.flatten().tolist()  # Newton–Schulz runs over the stage's ranks (all, without a pipeline)
+    flops = [loads[r].flops if r in loads else 0 for r in owners]
     mine = here.per_rank().get(rank)
     names = [name for name, _ in _muon_params(model)]  # the plan's tensor order
     ns = {
@@ -220,12 +279,13 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
         },
         "full_depth": {"layers": cfg.model.num_hidden_layers, "matrices": len(full.matrices),
                        "total_flops": full.total_flops, "per_rank_flops_min": min(flops),
-                       "per_rank_flops_max": max(flops), "per_rank_flops_mean": sum(flops) / world,
+                       "per_rank_flops_max": max(flops), "per_rank_flops_mean": sum(flops) / len(owners),
+                       "owner_ranks": len(owners),
                        "largest_matrix_flops": max(x.flops for x in full.matrices)},
         "owners": [[names[m.tensor], m.index, m.owner_rank] for m in here.matrices],
     } if distributed else {}
     sim = Simulation(
-        world=world, ep=ep, rank=rank, layers=model_cfg.num_hidden_layers, tokens=micro_batch * seq_len,
+        world=world, ep=ep, rank=rank, pp=pp, layers=model_cfg.num_hidden_layers, tokens=micro_batch * seq_len,
         params=params, param_bytes=sum(_nbytes(p) for p in model.parameters()), grad_bytes=grad_bytes,
         optimizer_state_bytes=state_bytes, collectives=LEDGER.summary(), newton_schulz=ns,
         seconds=time.perf_counter() - t0,
@@ -246,7 +306,8 @@ def _gb(n: float) -> str:
 
 
 def render(sim: Simulation, config: str) -> str:
-    lines = [f"Chogori simulated step: {config}   world {sim.world}, ep {sim.ep}, as rank {sim.rank}   "
+    pp = f", pp {sim.pp}" if sim.pp > 1 else ""
+    lines = [f"Chogori simulated step: {config}   world {sim.world}{pp}, ep {sim.ep}, as rank {sim.rank}   "
              f"({sim.layers} layers, {sim.tokens} tokens per micro-batch; collectives returned at once)", ""]
     lines.append(f"  parameters (fp32 shards)   {_gb(sim.param_bytes):>14}")
     lines.append(f"  gradients                  {_gb(sim.grad_bytes):>14}")
@@ -266,7 +327,8 @@ def render(sim: Simulation, config: str) -> str:
                   f"{_gb(me['bytes_received'])} in all, in {me['collectives']} collectives",
                   f"    largest NS input {me['largest_ns_input']}; largest tensor made in the optimizer step "
                   f"{_gb(me['largest_tensor_bytes_in_step'])}",
-                  f"    full depth ({full['layers']} layers, {full['matrices']:,} matrices, "
+                  f"    full depth ({full['layers']} layers{' of this pipeline rank' if sim.pp > 1 else ''}, "
+                  f"{full['matrices']:,} matrices over {full['owner_ranks']} ranks, "
                   f"{full['total_flops'] / 1e15:.2f} PFLOP): per rank {full['per_rank_flops_min'] / 1e12:.3f} - "
                   f"{full['per_rank_flops_max'] / 1e12:.3f} TFLOP, mean {full['per_rank_flops_mean'] / 1e12:.3f} "
                   f"(largest single matrix {full['largest_matrix_flops'] / 1e12:.3f})"]
@@ -284,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True, help="world size to simulate")
     parser.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: the config's)")
+    parser.add_argument("--pp", type=int, default=None, help="pipeline stages (default: the config's)")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="shorten the model (default: full depth)")
     parser.add_argument("--seq-len", type=int, default=32)
@@ -296,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(Path(args.config), args.overrides)
         ep = args.ep if args.ep is not None else cfg.parallel.ep
         sim = simulate(cfg, args.gpus, ep, rank=args.rank, layers=args.layers, seq_len=args.seq_len,
-                       ns_steps=args.ns_steps)
+                       ns_steps=args.ns_steps, pp=args.pp)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

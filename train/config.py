@@ -364,6 +364,11 @@ def validate_layout(cfg: ExperimentConfig, world: int) -> ParallelDims:
         if cfg.model.num_hidden_layers < dims.pp * v:
             raise ConfigError(f"parallel.pp: {dims.pp} x {v} virtual stages need at least {dims.pp * v} layers, "
                               f"model.num_hidden_layers is {cfg.model.num_hidden_layers}")
+        rounds = max(1, per_run // dims.pp)
+        if cfg.parallel.pp_schedule in ("interleaved_1f1b", "interleaved_zb") and per_run % rounds:
+            raise ConfigError(f"train.pp_microbatches: {cfg.parallel.pp_schedule} runs {per_run} micro-batches in "
+                              f"rounds of parallel.pp={dims.pp} and needs them to split into {rounds} equal rounds; "
+                              f"use a multiple of {dims.pp}")
         if cfg.parallel.pp_schedule == "dualpipev" and per_run < 2 * dims.pp:
             raise ConfigError(f"train.pp_microbatches: dualpipev needs at least 2 x parallel.pp = {2 * dims.pp} "
                               f"micro-batches per run, got {per_run}")
