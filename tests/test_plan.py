@@ -242,7 +242,8 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan["params"]["total"] == count_params(cfg).total == 1_434_112 - moe_block
     assert plan["flops_per_token"]["training"] == flops_per_token(cfg, 64)
     assert plan["layout"] == {"gpus": 2, "ep": 2, "optimizer": "muon", "param_dtype": "fp32",
-                              "grad_dtype": "fp32", "optim_dtype": "fp32", "compute_dtype": "bf16"}
+                              "grad_dtype": "fp32", "optim_dtype": "fp32", "compute_dtype": "bf16", "pp": 1,
+                              "pp_schedule": "1f1b", "pp_virtual": -1}
     assert plan["memory"]["bytes_per_gpu"]["weights"] == plan["params"]["total"] / 2 * 4
 
     # A bad layout is a one-line error naming the flags and the valid choices, exit code 2, no traceback.

@@ -219,8 +219,9 @@ class Layout:
         valid = [d for d in range(1, math.gcd(dp, e) + 1) if dp % d == 0 and e % d == 0]
         hint = f"; --ep values that fit --gpus {self.gpus} and {e} experts: {', '.join(map(str, valid))}"
         if (self.gpus // self.pp) % self.ep:
-            raise PlanError(f"--gpus {self.gpus} / --pp {self.pp} is not divisible by --ep {self.ep}: expert "
-                            f"parallelism splits each stage's ranks into groups of ep{hint}")
+            ranks = f"--gpus {self.gpus}" + (f" / --pp {self.pp}" if self.pp > 1 else "")
+            raise PlanError(f"{ranks} is not divisible by --ep {self.ep}: expert parallelism splits "
+                            f"{'each stage' + chr(39) + 's' if self.pp > 1 else 'the'} ranks into groups of ep{hint}")
         if e % self.ep:
             raise PlanError(f"n_routed_experts={e} is not divisible by --ep {self.ep}: every EP rank must "
                             f"hold the same number of whole experts{hint}")
@@ -390,9 +391,9 @@ def validate_batch(batch: Batch, layout: Layout, hw: Hardware) -> None:
     dp = layout.gpus // layout.pp
     gb, step = batch.global_batch, dp * batch.micro_batch
     if gb is not None and (gb < 1 or gb % step):
-        ranks = f"--gpus / --pp = {dp}" if layout.pp > 1 else f"--gpus = {dp}"
-        raise PlanError(f"global batch {gb} is not a multiple of data-parallel ranks x --micro-batch ({ranks}, "
-                        f"x {batch.micro_batch} = {step}): every rank runs whole micro-batches (set --global-batch)")
+        ranks = "--gpus / --pp" if layout.pp > 1 else "--gpus"
+        raise PlanError(f"global batch {gb} is not a multiple of {ranks} x --micro-batch = {dp} x "
+                        f"{batch.micro_batch} = {step}: every rank runs whole micro-batches (set --global-batch)")
     if layout.pp > 1 and layout.pp_schedule == "dualpipev":
         micro = (gb or step) // step
         if micro < 2 * layout.pp:
@@ -637,8 +638,9 @@ def main(argv: list[str] | None = None) -> int:
             # plan the nearest whole number of micro-batches per rank, and say so
             fitted = max(1, int(batch.global_batch / step + 0.5)) * step
             batch = dataclasses.replace(batch, global_batch=fitted, note=(
-                f"train.global_batch_size={batch.global_batch} is not a multiple of data-parallel ranks x "
-                f"--micro-batch = {step}; planned with {fitted} (set --global-batch to choose)"))
+                f"train.global_batch_size={batch.global_batch} is not a multiple of --gpus"
+                f"{' / --pp' if pp > 1 else ''} x --micro-batch = {step}; planned with {fitted} (set --global-batch "
+                "to choose)"))
         if args.gpus_per_node < 1:
             raise PlanError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
         hardware = Hardware(mfu=args.mfu, gpus_per_node=args.gpus_per_node)
