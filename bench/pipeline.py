@@ -173,7 +173,7 @@ def main() -> None:
               "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.save_final=false",
               "logging.progress=false", "train.threads=1", f"train.pp_microbatches={m}"]
     from bench.machine import cpu_model
-    from tools.plan_pipeline import COSTS, simulate
+    from parallel.schedule_sim import COSTS, simulate
 
     results: dict[str, list[dict[int, dict]]] = {name: [] for name in args.configs}
     t_start = time.perf_counter()

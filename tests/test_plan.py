@@ -513,7 +513,7 @@ def test_config_batch_for_another_layout(capsys: pytest.CaptureFixture[str]) -> 
 
 # --- pipeline parallelism (tools/plan_pipeline.py) ------------------------------------------------------------
 def test_pipeline_bubble_from_torchs_schedules_matches_the_1f1b_formula() -> None:
-    from tools.plan_pipeline import simulate
+    from parallel.schedule_sim import simulate
 
     for pp, m in ((2, 4), (4, 8), (4, 16), (8, 32)):
         formula = (pp - 1) / (m + pp - 1)
