@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,11 +28,35 @@ pytestmark = pytest.mark.slow  # half a minute per preset on 2 cores, 5 GB of me
 SMALL_VOCAB = ["model.vocab_size=4096", "model.bos_token_id=0", "model.eos_token_id=1"]
 
 
-def _simulate(preset: str, layers: int, rank: int, *flags: str, ep: int = 64, overrides: tuple[str, ...] = ()) -> dict:
-    """The command's JSON report, from a fresh process (one process plays one rank of one world)."""
-    done = subprocess.run([sys.executable, "-m", "tools.simulate", "--config", f"configs/{preset}.yaml", "--gpus",
-                           "2048", "--ep", str(ep), "--rank", str(rank), "--layers", str(layers), "--json",
-                           *flags, *SMALL_VOCAB, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
+# Each simulation is one fresh process (one process plays one rank of one world). They are mostly single-threaded
+# Python (model build, sharding, ownership planning), so the module's four run two at a time, started together
+# the first time a test asks for one; each test then checks its own report.
+_RUNS: dict[tuple, tuple[str, ...]] = {
+    ("k2-1t", 2, 0): ("--ep", "64"),
+    ("deepseek-v3-671b", 4, 1337): ("--ep", "64"),
+    ("k2-1t", 32, 2047): ("--ep", "16", "--pp", "16", "parallel.pp_schedule=interleaved_1f1b"),
+    ("deepseek-v3-671b", 32, 130): ("--ep", "64", "--pp", "16", "parallel.pp_schedule=dualpipev"),
+}
+_FUTURES: dict[tuple, Future] = {}
+
+
+def _run(key: tuple) -> subprocess.CompletedProcess:
+    preset, layers, rank = key
+    flags = [a for a in _RUNS[key] if "=" not in a]
+    overrides = [a for a in _RUNS[key] if "=" in a]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "tools.simulate", "--config", f"configs/{preset}.yaml", "--gpus",
+                           "2048", "--rank", str(rank), "--layers", str(layers), "--json", *flags, *SMALL_VOCAB,
+                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _simulate(preset: str, layers: int, rank: int) -> dict:
+    """The command's JSON report for one of `_RUNS`."""
+    if not _FUTURES:
+        pool = ThreadPoolExecutor(max_workers=2)
+        _FUTURES.update({key: pool.submit(_run, key) for key in _RUNS})
+        pool.shutdown(wait=False)
+    done = _FUTURES[(preset, layers, rank)].result()
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -108,7 +134,8 @@ def test_world_2048_step(preset: str, layers: int, rank: int) -> None:
 def test_world_2048_pipeline_step(preset: str, ep: int, schedule: str, rank: int, stages: list[int]) -> None:
     from parallel.pipeline import split_layers
 
-    sim = _simulate(preset, 32, rank, "--pp", "16", ep=ep, overrides=(f"parallel.pp_schedule={schedule}",))
+    sim = _simulate(preset, 32, rank)
+    assert f"parallel.pp_schedule={schedule}" in _RUNS[(preset, 32, rank)]
     assert sim["pp"] == 16
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml", [*SMALL_VOCAB, "model.num_hidden_layers=32"]).model
     split = split_layers(cfg, 32, 32)
