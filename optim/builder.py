@@ -18,6 +18,8 @@ optimizers and ignored):
 * ``fused``: ``true`` / ``false`` / ``null``; null picks the fused kernel only when every parameter
   is on CUDA, where it is fastest; on CPU the reference loop is kept.
 * ``muon`` also reads ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton`` (optim/muon.py).
+* ``offload``: ``none`` / ``cpu`` (parameters, gradients and optimizer state in host memory; AdamW groups step on
+  DeepSpeed's CPU kernel, optim/host_adam.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from optim.hparams import adamw_hparams, cfg_value, param_group_dicts, resolve_fused
-from optim.muon import build_muon
+from optim.muon import Muon, build_muon, offload_kwargs
 from optim.param_groups import ParamGroups, split_params
 
 OptimizerFactory = Callable[[nn.Module, ParamGroups, Mapping[str, Any]], torch.optim.Optimizer]
@@ -70,8 +72,15 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
 
 
 def _build_adamw(model: nn.Module, groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """torch.optim.AdamW over the three groups."""
+    """torch.optim.AdamW over the three groups. Offloaded (`offload: cpu`), the same AdamW steps on DeepSpeed's
+    CPU kernel: optim/muon.py's optimizer with AdamW groups only, which keeps torch.optim.AdamW's state (so
+    checkpoints move between the two)."""
     hp = adamw_hparams(cfg)
+    if cfg_value(cfg, "offload") == "cpu":
+        groups_ = param_group_dicts(groups, hp["weight_decay"])
+        for g in groups_:
+            g["use_muon"] = False
+        return Muon(groups_, **hp, **offload_kwargs(cfg))
     param_groups = param_group_dicts(groups, hp.pop("weight_decay"))
     params = [p for g in param_groups for p in g["params"]]
     fused = resolve_fused(cfg_value(cfg, "fused"), params)

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
+from optim.host_adam import HostAdam
 from optim.hparams import adamw_hparams, param_group_dicts, resolve_fused
 from optim.newton_schulz import NS_STEPS, zeropower_via_newtonschulz5
 from optim.param_groups import ParamGroups
@@ -139,6 +140,8 @@ class Muon(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         orthogonalize: OrthogonalizeFn | None = None,
+        host_adam: HostAdam | None = None,
+        ns_device: torch.device | None = None,
     ) -> None:
         self._muon_defaults = {
             "momentum": momentum,
@@ -159,6 +162,9 @@ class Muon(torch.optim.Optimizer):
             "decoupled_weight_decay": True,
         }
         self.orthogonalize: OrthogonalizeFn = orthogonalize or local_orthogonalize
+        # `optim.offload: cpu` (parameters, gradients and state in host memory): AdamW groups step on DeepSpeed's
+        # CPU kernel, and Muon's Newton–Schulz runs on `ns_device` (the accelerator), its input and output copied.
+        self.host_adam, self.ns_device = host_adam, ns_device
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "use_muon": True})
 
     def __getstate__(self) -> dict[str, Any]:
@@ -168,6 +174,8 @@ class Muon(torch.optim.Optimizer):
             "_muon_defaults": self._muon_defaults,
             "_adamw_defaults": self._adamw_defaults,
             "orthogonalize": self.orthogonalize,
+            "host_adam": self.host_adam,
+            "ns_device": self.ns_device,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -256,7 +264,13 @@ class Muon(torch.optim.Optimizer):
         # 2. orthogonalize, 3. decoupled weight decay and the scaled update.
         for (ns_steps, ns_dtype, ns_triton), items in buckets.items():
             ns = ns_function(ns_steps, ns_dtype, ns_triton)
-            outs = self.orthogonalize([u for _, _, u in items], ns)
+            updates = [u for _, _, u in items]
+            if self.ns_device is not None:  # offloaded state: Newton–Schulz (and its exchanges) on the accelerator
+                updates = [u.to(self.ns_device, non_blocking=True) for u in updates]
+            outs = self.orthogonalize(updates, ns)
+            if self.ns_device is not None:
+                outs = [o.to("cpu", non_blocking=True) for o in outs]
+                torch.cuda.current_stream(self.ns_device).synchronize()
             if len(outs) != len(items):
                 raise RuntimeError(f"orthogonalize returned {len(outs)} tensors for {len(items)} updates")
             for (group, p, _), o in zip(items, outs, strict=True):
@@ -300,6 +314,13 @@ class Muon(torch.optim.Optimizer):
         if not params:
             return
         beta1, beta2 = group["betas"]
+        if self.host_adam is not None and not (group["amsgrad"] or group["maximize"]):
+            # offloaded: DeepSpeed's CPU kernel on the local shards, in place (optim/host_adam.py)
+            self.host_adam.update([_local(t) for t in params], [_local(t) for t in grads],
+                                  [_local(t) for t in exp_avgs], [_local(t) for t in exp_avg_sqs], state_steps,
+                                  lr=group["lr"], betas=(beta1, beta2), eps=group["eps"],
+                                  weight_decay=group["weight_decay"])
+            return
         adamw(
             params,
             grads,
@@ -322,6 +343,11 @@ class Muon(torch.optim.Optimizer):
             eps=group["eps"],
             maximize=group["maximize"],
         )
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (the storage the kernel updates in place), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -409,4 +435,17 @@ def build_muon(model: nn.Module, groups: ParamGroups, cfg: Mapping[str, Any]) ->
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from optim.distributed_ns import orthogonalize
     # As the adamw factory: fused only when chosen, else torch's default (for-loop on CPU, foreach on CUDA).
-    return Muon(param_groups, **hp, **mh, fused=True if fused else None, orthogonalize=orthogonalize)
+    return Muon(param_groups, **hp, **mh, fused=True if fused else None, orthogonalize=orthogonalize,
+                **offload_kwargs(cfg))
+
+
+def offload_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`optim.offload: cpu` -> Muon's `host_adam` (DeepSpeed's CPU kernel, or None: torch's loop) and `ns_device`
+    (the accelerator, when there is one); `none` -> nothing."""
+    offload = str(cfg.get("offload", "none") if cfg is not None else "none")
+    if offload not in ("none", "cpu"):
+        raise ValueError(f"offload must be none or cpu, got {offload!r}")
+    if offload == "none":
+        return {}
+    return {"host_adam": HostAdam.load(),
+            "ns_device": torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None}

@@ -16,7 +16,7 @@ from parallel.utils import all_reduce_max, all_reduce_mean, all_reduce_sum, clip
 def parallelize(model: Transformer, mesh: torch.distributed.device_mesh.DeviceMesh | None,
                 activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None,
                 compile: bool = False, pipeline: PipelinePlan | None = None,
-                reshard_after_forward: bool | None = None) -> list[StageModule] | None:
+                reshard_after_forward: bool | None = None, offload: bool = False) -> list[StageModule] | None:
     """Apply, in this order: the pipeline cut (`pipeline`: drop the layers other ranks' stages run, make this
     rank's stage views), expert parallelism (experts become DTensors on "ep"), activation checkpointing (wraps
     blocks), `torch.compile` of each block (regional: one small graph per block kind, parameter names
@@ -25,7 +25,7 @@ def parallelize(model: Transformer, mesh: torch.distributed.device_mesh.DeviceMe
     compile apply. Returns the stage views (None without a pipeline).
 
     `reshard_after_forward` (None = auto: False under a pipeline, whose micro-batches would gather the same
-    weights again and again, else True)."""
+    weights again and again, else True). `offload`: FSDP2 keeps the sharded state in host memory (needs a mesh)."""
     stages = prune_to_stages(model, pipeline) if pipeline is not None else None
     if mesh is not None:
         apply_expert_parallel(model, mesh["ep"])
@@ -40,7 +40,8 @@ def parallelize(model: Transformer, mesh: torch.distributed.device_mesh.DeviceMe
     if mesh is not None:
         if reshard_after_forward is None:
             reshard_after_forward = stages is None
-        apply_fsdp(model, mesh, param_dtype=param_dtype, roots=stages, reshard_after_forward=reshard_after_forward)
+        apply_fsdp(model, mesh, param_dtype=param_dtype, roots=stages, reshard_after_forward=reshard_after_forward,
+                   offload=offload)
     return stages
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -11,7 +12,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+from torch.distributed.fsdp import fully_shard as _fully_shard
 from torch.distributed.tensor import Shard
 
 # SAC's two dispatch modes are private to torch: subclassed (as xformers does) so that the ops SAC ignores are
@@ -125,13 +127,15 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32, roots: list[nn.Module] | None = None,
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, offload: bool = False) -> None:
     """Shard each block, then the root (embeddings, final norm, LM head), over the flattened "dp" mesh.
 
     `roots`: the modules to shard last as FSDP roots instead of `model` (a pipeline rank's stage views, which
     hold the embedding / head when they are the first / last stage). `reshard_after_forward=False` keeps each
     block's weights gathered from its forward to its backward: no second all-gather per micro-batch, at the
-    memory of the unsharded block (what a pipeline with many micro-batches in flight wants).
+    memory of the unsharded block (what a pipeline with many micro-batches in flight wants). `offload`: FSDP2's
+    CPUOffloadPolicy, the sharded parameters and gradients (and so the optimizer state) in host memory, copied to
+    the device for each all-gather (pinned host memory only where there is an accelerator to copy to).
 
     Mixed precision is FSDP2's: parameters are stored (and the optimizer steps) in fp32, gathered for compute in
     `param_dtype`, gradients reduced in `reduce_dtype`; the router keeps fp32 under any policy.
@@ -143,6 +147,11 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype
     dp_mesh = mesh["dp"]
     ep = mesh["ep"].size()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if offload:
+        host = {"offload_policy": CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")}
+        fully_shard = functools.partial(_fully_shard, **host)
+    else:
+        fully_shard = _fully_shard
     # The router scores in fp32 (DeepSeek-V3): a bf16 copy of its weight flips near-tied top-k choices. So under
     # a low-precision policy the router is its own FSDP unit whose parameters are gathered in fp32.
     router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)

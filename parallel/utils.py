@@ -37,10 +37,12 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
         else:
             sq += g.float().pow(2).sum()
     if distributed and dist.is_initialized():
+        if device.type == "cpu" and dist.get_backend() == "nccl":  # host-offloaded gradients: NCCL reduces on the GPU
+            sq = sq.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(sq)
     total = sq.sqrt()
     if math.isfinite(max_norm):
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).to(device)
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
     return total

@@ -243,7 +243,7 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan["flops_per_token"]["training"] == flops_per_token(cfg, 64)
     assert plan["layout"] == {"gpus": 2, "ep": 2, "optimizer": "muon", "param_dtype": "fp32",
                               "grad_dtype": "fp32", "optim_dtype": "fp32", "compute_dtype": "bf16", "pp": 1,
-                              "pp_schedule": "1f1b", "pp_virtual": -1}
+                              "pp_schedule": "1f1b", "pp_virtual": -1, "offload": "none"}
     assert plan["memory"]["bytes_per_gpu"]["weights"] == plan["params"]["total"] / 2 * 4
 
     # A bad layout is a one-line error naming the flags and the valid choices, exit code 2, no traceback.
@@ -556,3 +556,18 @@ def test_pipeline_plan_of_the_published_k2_layout() -> None:
         make_plan(cfg, 4096, layout, batch=Batch(micro_batch=1, global_batch=15360))
     text = format_plan(plan)
     assert "Pipeline: pp 16 x dp 128" in text and "interleaved_1f1b (chosen)" in text
+
+
+def test_offload_moves_the_sharded_state_to_the_host() -> None:
+    """--offload cpu: the fit per GPU loses exactly the sharded state, which the node's host memory holds."""
+    cfg = load_plan_input(ROOT / "configs" / "k2-1t.yaml").cfg
+    layout = Layout(gpus=256, ep=8, optimizer="muon")
+    plain = make_plan(cfg, 4096, layout)
+    off = make_plan(cfg, 4096, dataclasses.replace(layout, offload="cpu"))
+    state = plain["memory"]["bytes_per_gpu"]["total"]
+    assert off["offload"]["gpu_bytes"] == plain["offload"]["gpu_bytes"]  # both choices, whichever is chosen
+    assert plain["fit"]["bytes"] - off["fit"]["bytes"] == pytest.approx(state)
+    assert off["fit"]["parts"]["state"] == 0 and off["offload"]["host_bytes_per_node_cpu"] == pytest.approx(8 * state)
+    assert "optim.offload: none" in format_plan(off)
+    with pytest.raises(PlanError, match="--offload must be none or cpu"):
+        make_plan(cfg, 4096, dataclasses.replace(layout, offload="nvme"))

@@ -186,6 +186,7 @@ class Layout:
     pp: int = 1  # pipeline stages (outermost: each stage has gpus / pp data-parallel ranks)
     pp_schedule: str = "1f1b"
     pp_virtual: int = -1  # stages per rank; -1 = the schedule's default
+    offload: str = "none"  # cpu: weights, grads and optimizer states sharded in host memory (optim.offload)
 
     def validate(self, cfg: ModelConfig) -> None:
         """Raise PlanError naming the flag and the fix for a layout that cannot be built."""
@@ -199,6 +200,8 @@ class Layout:
             if getattr(self, flag) not in DTYPE_BYTES:
                 raise PlanError(f"--{flag.replace('_', '-')} must be one of {', '.join(DTYPE_BYTES)}, "
                                 f"got '{getattr(self, flag)}'")
+        if self.offload not in ("none", "cpu"):
+            raise PlanError(f"--offload must be none or cpu, got '{self.offload}'")
         if self.pp < 1 or self.gpus % self.pp:
             raise PlanError(f"--pp {self.pp} must be >= 1 and divide --gpus {self.gpus}")
         if self.pp > 1:
@@ -343,6 +346,7 @@ class PlanInput:
     pp: int | None = None  # parallel.pp
     pp_schedule: str | None = None  # parallel.pp_schedule
     pp_virtual: int | None = None  # parallel.pp_virtual_stages
+    offload: str | None = None  # optim.offload
 
 
 def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> PlanInput:
@@ -376,7 +380,7 @@ def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> Pla
                      activation_checkpointing=opt_str("parallel.activation_checkpointing"),
                      grad_sync=opt_str("parallel.grad_sync"), ns_steps=opt_int("optim.ns_steps"),
                      pp=opt_int("parallel.pp"), pp_schedule=opt_str("parallel.pp_schedule"),
-                     pp_virtual=opt_int("parallel.pp_virtual_stages"))
+                     pp_virtual=opt_int("parallel.pp_virtual_stages"), offload=opt_str("optim.offload"))
 
 
 def validate_batch(batch: Batch, layout: Layout, hw: Hardware) -> None:
@@ -475,7 +479,26 @@ def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "
     plan.update(layout_sections(model, cfg, seq_len, layout, batch, hardware, profile, source_note,
                                 param_category, _is_muon_matrix, mem.total, mem.largest_unit_gathered,
                                 plan.get("pipeline")))
+    plan["offload"] = _offload_section(plan["fit"], layout, hardware)
     return plan
+
+
+def _offload_section(fit: dict[str, Any], layout: Layout, hw: Hardware) -> dict[str, Any]:
+    """Per-GPU memory with and without `optim.offload: cpu`, and the host memory it takes per node; under offload the
+    fit itself counts no sharded state on the GPU (FSDP2 copies each unit in for its all-gather)."""
+    state = fit["parts"]["state"]
+    on_gpu = fit["bytes"] - state
+    if layout.offload == "cpu":
+        fit["parts"]["state"] = 0.0
+        fit["bytes"] = on_gpu
+        fit["devices"] = {name: {"memory_bytes": d["memory_bytes"], "fits": on_gpu <= d["memory_bytes"]}
+                          for name, d in fit["devices"].items()}
+    return {"chosen": layout.offload, "state_bytes_per_gpu": state,
+            "gpu_bytes": {"none": on_gpu + state, "cpu": on_gpu},
+            "host_bytes_per_node_cpu": state * min(hw.gpus_per_node, layout.gpus),
+            "note": "offloaded: weights, gradients and optimizer states (fp32 shards) live in host memory; each "
+                    "step copies every unit in for its all-gather and the gradients out (over PCIe, not modelled "
+                    "in the step time); AdamW steps on the host, Newton-Schulz on the GPU"}
 
 
 def _human(n: float) -> str:
@@ -574,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pp-virtual", type=int, default=None,
                         help="stages per pipeline rank (default: the config's parallel.pp_virtual_stages, else the "
                              "schedule's)")
+    parser.add_argument("--offload", choices=("none", "cpu"), default=None,
+                        help="keep weights, gradients and optimizer states in host memory (default: the config's "
+                             "optim.offload, else none)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                         help="optimizer state layout (default: the config's optim.name, else adamw)")
     for flag, default, what in (("param-dtype", "fp32", "master weights"),
@@ -626,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
                         param_dtype=args.param_dtype, grad_dtype=args.grad_dtype,
                         optim_dtype=args.optim_dtype, compute_dtype=args.compute_dtype, pp=pp,
                         pp_schedule=args.pp_schedule or inp.pp_schedule or "1f1b",
-                        pp_virtual=given(args.pp_virtual, inp.pp_virtual, -1))
+                        pp_virtual=given(args.pp_virtual, inp.pp_virtual, -1),
+                        offload=args.offload or inp.offload or "none")
         batch = Batch(micro_batch=given(args.micro_batch, inp.micro_batch, 1),
                       global_batch=given(args.global_batch, inp.global_batch, None),
                       activation_checkpointing=args.activation_checkpointing or inp.activation_checkpointing

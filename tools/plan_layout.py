@@ -260,4 +260,9 @@ def format_layout(plan: dict[str, Any], w: int = 44) -> list[str]:
     lines.append("  " + "; ".join(f"{name} {d['memory_bytes'] / 1e9:g} GB: {'fits' if d['fits'] else 'does NOT fit'}"
                                   for name, d in fit["devices"].items())
                  + " (no allowance for CUDA context, NCCL buffers, fragmentation)")
+    off = plan.get("offload")
+    if off:
+        lines.append(f"  optim.offload: none {_bytes(off['gpu_bytes']['none'])} per GPU; cpu "
+                     f"{_bytes(off['gpu_bytes']['cpu'])} per GPU and {_bytes(off['host_bytes_per_node_cpu'])} of host "
+                     f"memory per node (chosen: {off['chosen']})")
     return lines

@@ -59,6 +59,9 @@ class OptimConfig:
     ns_triton: str | bool = "auto"  # Newton-Schulz products on the Triton kernel: auto (CUDA + Triton) | true | false
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     qk_clip_tau: float | None = 100.0  # QK-Clip threshold on per-head max attention logits; null disables
+    # cpu: FSDP2 keeps sharded fp32 parameters, gradients and optimizer state in host memory; AdamW steps on
+    # DeepSpeed's CPU kernel, Muon's Newton–Schulz on the accelerator (docs/configuration.md). none: on the device.
+    offload: str = "none"
     schedule: str = "wsd"  # wsd | cosine | linear | constant
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
@@ -294,6 +297,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if o.qk_clip_tau is not None:
         positive("optim.qk_clip_tau", o.qk_clip_tau)
     one_of("optim.schedule", o.schedule, SCHEDULES)
+    one_of("optim.offload", o.offload, ("none", "cpu"))
     at_least("optim.warmup_steps", o.warmup_steps, 0)
     fraction("optim.min_lr_ratio", o.min_lr_ratio)
     fraction("optim.decay_fraction", o.decay_fraction)

@@ -76,7 +76,7 @@ def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | 
     reshard = {"auto": None, "true": True, "false": False}[str(cfg.parallel.reshard_after_forward).lower()]
     stages = parallelize(model, mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
                          param_dtype=param_dtype, compile=cfg.train.compile, pipeline=pipeline,
-                         reshard_after_forward=reshard)
+                         reshard_after_forward=reshard, offload=cfg.optim.offload == "cpu")
     model.to_empty(device=device)
     model.init_weights(seed=cfg.train.seed)
     for stage in stages or []:
@@ -112,12 +112,14 @@ class Trainer:
         # Mixed precision is FSDP2's policy (bf16 compute, fp32 master weights, fp32 gradient reduction), also in
         # one process: it then gets a one-rank group and mesh, and runs the same code as every rank of a cluster.
         self.compute_dtype = compute_dtype(t.dtype, self.device)
+        # FSDP2 also in one process when it has work there: the bf16 policy, or offloading the state to the host.
+        one_process_fsdp = self.compute_dtype is not None or cfg.optim.offload == "cpu"
         self.rank, self.world, self._owns_group = init_distributed(
-            self.device, cfg.parallel.timeout_minutes, one_process_group=self.compute_dtype is not None)
+            self.device, cfg.parallel.timeout_minutes, one_process_group=one_process_fsdp)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dims = validate_layout(cfg, self.world)
-        use_fsdp = self.world > 1 or self.compute_dtype is not None
+        use_fsdp = self.world > 1 or one_process_fsdp
         self.mesh = build_mesh(self.dims, self.device.type) if use_fsdp else None
         torch.manual_seed(t.seed)
         # The ranks of a pipeline stage are its data-parallel ranks; the ranks of one data-parallel coordinate
