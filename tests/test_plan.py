@@ -571,3 +571,37 @@ def test_offload_moves_the_sharded_state_to_the_host() -> None:
     assert "optim.offload: none" in format_plan(off)
     with pytest.raises(PlanError, match="--offload must be none or cpu"):
         make_plan(cfg, 4096, dataclasses.replace(layout, offload="nvme"))
+
+
+def test_deepspeed_flops_profiler_agrees_with_the_planner() -> None:
+    """An independent count: DeepSpeed's FLOPs profiler over one forward of `tiny` (2 x 64 tokens, fused attention)
+    against the planner's forward FLOPs per token (models/flops.py), reconciled term by term, exactly.
+
+    What the profiler cannot or does not count the same way, each added or removed explicitly:
+    - the routed experts: neither it nor torch's FlopCounterMode sees `torch._grouped_mm`, and the per-expert loop
+      (the fallback) multiplies with `@`, which it does not patch either: added from the planner's own term;
+    - attention: it counts all S keys (SDPA's call, not causal): compared with the non-causal count, plus the
+      zero-padding of v to the q/k head dim that MLA's fused path runs (d_v 32 -> 48);
+    - QK-Clip's max-logit pass (q.k per query chunk, under no_grad): real work, not model FLOPs: added."""
+    from deepspeed.profiling.flops_profiler import FlopsProfiler
+
+    cfg = OmegaConf.load(ROOT / "configs" / "tiny.yaml")
+    cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model))
+    b, s = 2, 64
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    prof = FlopsProfiler(model)
+    prof.start_profile()
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (b, s)))
+    profiled = 2 * prof.get_total_macs() / (b * s)
+    prof.end_profile()
+
+    planner = flops_breakdown(cfg, s, causal=False)
+    h, layers = cfg.num_attention_heads, cfg.num_hidden_layers
+    d_qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    v_padding = layers * 2 * h * (d_qk - cfg.v_head_dim) * s
+    max_logit_pass = layers * 2 * h * d_qk * s
+    assert profiled + planner["routed_experts"] == sum(planner.values()) + v_padding + max_logit_pass
+    # and the remaining terms are the planner's own count with the causal discount the trainer's MFU uses
+    assert flops_per_token(cfg, s, training=False, causal=False) == sum(planner.values())
