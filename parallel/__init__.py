@@ -8,7 +8,7 @@ import torch
 from models.transformer import Transformer
 from parallel.expert_parallel import apply_expert_parallel, dispatch_bytes
 from parallel.fsdp import apply_activation_checkpointing, apply_fsdp
-from parallel.mesh import ParallelDims, build_mesh, init_distributed
+from parallel.mesh import ParallelDims, build_mesh, dp_mesh, init_distributed
 from parallel.pipeline import PipelinePlan, StageModule, plan_pipeline, prune_to_stages
 from parallel.utils import all_reduce_max, all_reduce_mean, all_reduce_sum, clip_grad_norm_
 
@@ -47,5 +47,5 @@ def parallelize(model: Transformer, mesh: torch.distributed.device_mesh.DeviceMe
 
 __all__ = [
     "ParallelDims", "all_reduce_max", "all_reduce_mean", "all_reduce_sum", "build_mesh", "clip_grad_norm_",
-    "PipelinePlan", "StageModule", "dispatch_bytes", "init_distributed", "parallelize", "plan_pipeline",
+    "PipelinePlan", "StageModule", "dispatch_bytes", "dp_mesh", "init_distributed", "parallelize", "plan_pipeline",
 ]

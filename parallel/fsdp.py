@@ -28,6 +28,7 @@ from torch.utils.checkpoint import (
 from models.moe import MoE
 from models.stats import recomputing
 from models.transformer import Transformer
+from parallel.mesh import dp_mesh as flattened_dp_mesh
 
 # Selective checkpointing keeps what is expensive to recompute (matmuls, attention, the all-to-all's
 # inputs) and recomputes the cheap elementwise work (norms, SwiGLU, RoPE) — the split K2 reports using.
@@ -144,7 +145,7 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype
     gradient is the sum over the EP group's tokens, so FSDP must divide it by the whole data-parallel
     size, not by the size of its own mesh, for every parameter to get the gradient of the global mean loss.
     """
-    dp_mesh = mesh["dp"]
+    dp_mesh = flattened_dp_mesh(mesh)
     ep = mesh["ep"].size()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if offload:

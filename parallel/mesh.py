@@ -84,8 +84,14 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     """3-D mesh ("pp", "dp_mod_ep", "ep") with the flattened "dp" dim (a stage's data-parallel ranks) registered
     for the dense FSDP wrapping."""
     mesh = init_device_mesh(device_type, (dims.pp, dims.dp_mod_ep, dims.ep), mesh_dim_names=("pp", "dp_mod_ep", "ep"))
-    mesh["dp_mod_ep", "ep"]._flatten("dp")
+    dp_mesh(mesh)  # made once here, on every rank alike (a collective)
     return mesh
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The flattened "dp" mesh (a stage's data-parallel ranks), as `build_mesh` made it. Taken from the dims it
+    flattens rather than sliced by name off the root mesh, which torch deprecates."""
+    return mesh["dp_mod_ep", "ep"]._flatten("dp")
 
 
 def init_distributed(device: torch.device, timeout_minutes: int = 30,

@@ -23,7 +23,7 @@ from optim.distributed_ns import (
     orthogonalize,
     plan_ownership,
 )
-from parallel.mesh import ParallelDims, build_mesh
+from parallel.mesh import ParallelDims, build_mesh, dp_mesh
 from tests.dist_harness import run_ranks
 
 # uneven row counts (7 rows on 4 ranks leaves a rank empty), tall/wide/square, and an expert stack
@@ -139,7 +139,7 @@ def _mesh_worker(rank: int, world: int, out_path: str) -> None:
     report = {}
     for copies in (1, 3):
         inputs = _mesh_inputs(copies)
-        sharded = [distribute_tensor(x, mesh["dp"], [Shard(0)]) if p is None
+        sharded = [distribute_tensor(x, dp_mesh(mesh), [Shard(0)]) if p is None
                    else distribute_tensor(x, mesh["dp_mod_ep", "ep"], p)
                    for x, p in inputs]
         for (x, _), d in zip(inputs, sharded, strict=True):  # dim_runs is DTensor's own split
@@ -251,7 +251,7 @@ def test_runs_on_a_fake_process_group_as_one_rank_of_64() -> None:
         for _ in range(3):  # a layer: an expert stack [16, 64, 32] (2 experts per rank, rows over 8) + a dense
             updates.append(DTensor.from_local(torch.zeros(2, 8, 32), mesh["dp_mod_ep", "ep"], (Shard(1), Shard(0)),
                                               run_check=False, shape=(16, 64, 32), stride=(64 * 32, 32, 1)))
-            updates.append(DTensor.from_local(torch.zeros(1, 48), mesh["dp"], (Shard(0),), run_check=False,
+            updates.append(DTensor.from_local(torch.zeros(1, 48), dp_mesh(mesh), (Shard(0),), run_check=False,
                                               shape=(64, 48), stride=(48, 1)))
         stats = NSStats()
         out = orthogonalize(updates, lambda x: x.clone(), stats=stats)

@@ -51,6 +51,7 @@ from parallel import (
     all_reduce_sum,
     build_mesh,
     clip_grad_norm_,
+    dp_mesh,
     parallelize,
     plan_pipeline,
 )
@@ -243,7 +244,7 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     LEDGER.phase = "reduce"  # what the trainer reduces per step: the gradient norm and the statistics buckets
     clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
     stats = model.stats_buckets()
-    group = mesh["dp"].get_group()
+    group = dp_mesh(mesh).get_group()
     stats.sum, stats.max = all_reduce_sum(stats.sum, group), all_reduce_max(stats.max, group)
     model.load_stats(stats)
     LEDGER.phase = "optimizer"
@@ -263,7 +264,7 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     full = here if layers is None else ownership(_meta_model(cfg.model, mesh, cfg, _plan(cfg, cfg.model, mesh, pp,
                                                                                           seq_len)), steps)
     loads = full.per_rank()
-    owners = mesh["dp"].mesh.flatten().tolist()  # Newton–Schulz runs over the stage's ranks (all, without a pipeline)
+    owners = dp_mesh(mesh).mesh.flatten().tolist()  # NS runs over the stage's ranks (all, without a pipeline)
     flops = [loads[r].flops if r in loads else 0 for r in owners]
     mine = here.per_rank().get(rank)
     names = [name for name, _ in _muon_params(model)]  # the plan's tensor order

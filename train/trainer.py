@@ -30,6 +30,7 @@ from parallel import (
     all_reduce_sum,
     build_mesh,
     clip_grad_norm_,
+    dp_mesh,
     init_distributed,
     parallelize,
     plan_pipeline,
@@ -124,7 +125,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         # The ranks of a pipeline stage are its data-parallel ranks; the ranks of one data-parallel coordinate
         # (one per stage) read the same batch.
-        self.dp_rank, self.dp_world = (self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()) if use_fsdp else (0, 1)
+        dp = dp_mesh(self.mesh) if use_fsdp else None
+        self.dp_rank, self.dp_world = (dp.get_local_rank(), dp.size()) if dp is not None else (0, 1)
         self.accum_steps = t.global_batch_size // self.dp_world // t.micro_batch_size
 
         self.pipeline = None
@@ -146,7 +148,7 @@ class Trainer:
         # Statistics are reduced over the ranks that see different tokens for the same weights: every
         # data-parallel rank of the stage (the flattened "dp" dim, expert parallelism included), never across
         # pipeline stages, never implicitly WORLD.
-        self._stats_group = self.mesh["dp"].get_group() if self.mesh is not None else None
+        self._stats_group = dp_mesh(self.mesh).get_group() if self.mesh is not None else None
         self._stop_seen = 0.0
         self.train_loader, self.val_dataset, self.tokenizer = build_loaders(
             cfg.data, seq_len=cfg.data.seq_len, global_batch_size=t.global_batch_size, seed=t.seed,
