@@ -99,3 +99,15 @@ def test_every_dependency_has_an_upper_bound() -> None:
     torch_req = next(r for r in reqs if re.match(r"torch\b", r))
     upper = re.search(r"<\s*([\d.]+)", torch_req).group(1)
     assert upper.count(".") == 1, f"torch must be bounded at its next minor release, got {torch_req}"
+
+
+def test_console_scripts_point_at_the_python_m_entry_points() -> None:
+    """`chogori-train` & co. (pyproject's [project.scripts]) call the same main() as `python -m ...`."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {f"chogori-{n}" for n in ("train", "launch", "prepare", "plan", "report", "export")}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target

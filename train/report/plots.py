@@ -35,7 +35,7 @@ def _figure(figsize: tuple[float, float] = _FIGSIZE, **kwargs: Any) -> Any:
         from matplotlib.figure import Figure
     except ImportError as e:  # matplotlib is a dev extra, not a training dependency
         raise MatplotlibMissing("the report needs matplotlib: pip install 'matplotlib>=3.7' "
-                           "(or pip install -e '.[dev]')") from e
+                           "(the `report` extra: pip install -e '.[report]')") from e
     fig = Figure(figsize=figsize, dpi=_DPI, **kwargs)
     FigureCanvasAgg(fig)
     return fig
@@ -79,7 +79,7 @@ def plot_loss(steps: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], 
         ax.plot(xl, yl, color="tab:green", lw=1.0, alpha=0.8, label="lm loss")
     if any(_finite(r.get("loss_baseline")) for r in steps):  # NaN while the detector warms up
         xb, yb = _series(steps, "loss_baseline")
-        ax.plot(xb, yb, color="gray", lw=1.0, ls="--", label="spike baseline (running mean)")
+        ax.plot(xb, yb, color="gray", lw=1.0, ls="--", label="spike baseline (running median)")
     ev = [(r["step"], _num(r.get("val_loss"))) for r in evals if _num(r.get("val_loss")) is not None]
     if ev:
         ax.plot([s for s, _ in ev], [v if math.isfinite(v) else math.nan for _, v in ev], "o-", color="tab:orange",
