@@ -104,6 +104,7 @@ def test_every_dependency_has_an_upper_bound() -> None:
 def test_console_scripts_point_at_the_python_m_entry_points() -> None:
     """`chogori-train` & co. (pyproject's [project.scripts]) call the same main() as `python -m ...`."""
     import importlib
+
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
