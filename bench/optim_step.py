@@ -4,6 +4,7 @@
     python bench/optim_step.py --parts a --worlds 1 2 4 --reps 5 --warmup 2
     python bench/optim_step.py --parts b --reps 8
     python bench/optim_step.py --parts c --reps 5
+    python bench/optim_step.py --parts d --reps 10 --warmup 2   # not in the default run
 
 (a) Distributed Muon vs the naive scheme, 1 / 2 / 4 gloo ranks. A ~5M-parameter model (hidden 256, 4 layers, 8
     routed experts) is FSDP2-sharded with parallel.parallelize (ep=1), one backward gives the gradients, then
@@ -26,6 +27,12 @@
     one process: the tiny preset's Muon matrices (routed-expert stacks unrolled into 2-D matrices, since
     torch.optim.Muon takes 2-D only) and a few square / rectangular sizes. torch.optim.Muon always runs NS in
     bfloat16; ours in bfloat16 (bitwise the same NS) and float32.
+(d) One AdamW step on ~33.6M fp32 parameters in host memory (an embedding-sized [32768, 512], three [2048, 2048]
+    matrices, one [1024, 4096], one [2048] vector) with DeepSpeed's CPU Adam kernel (optim.host_adam.HostAdam, what
+    `optim.offload: cpu` steps the AdamW groups with) against torch.optim.AdamW with its default CPU for-loop and
+    with foreach=True, same hyperparameters, same gradients (a new set per step, identical for the three), at
+    torch's default thread count and at 1 thread. The three alternate rep by rep; the last columns are the max abs
+    difference of the parameters after all (warm-up + reps) steps. Only with --parts d (it allocates ~2.2 GB).
 
 Timing: perf_counter, --warmup untimed repetitions then the median of --reps. Benchmarks never fail a test run;
 record the output in docs/bench_optim.md with the machine and load it ran on.
@@ -366,9 +373,84 @@ def part_c(reps: int, warmup: int, config: str) -> None:
         print(f"(c) {name} done", file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# (d) DeepSpeed's CPU Adam kernel vs torch.optim.AdamW on host tensors
+# ---------------------------------------------------------------------------------------------------------------
+D_SHAPES = [(32768, 512), (2048, 2048), (2048, 2048), (2048, 2048), (1024, 4096), (2048,)]
+D_HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+class _KernelAdamW:
+    """HostAdam.update over plain tensors with torch.optim.AdamW's state layout (what optim/muon.py's offloaded
+    AdamW group does, without the optimizer around it)."""
+
+    def __init__(self, params: list[torch.Tensor], kernel) -> None:
+        self.params, self.kernel = params, kernel
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.steps = [torch.tensor(0.0) for _ in params]
+
+    def step(self) -> None:
+        self.kernel.update(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, self.steps,
+                           **D_HP)
+
+
+def part_d(reps: int, warmup: int, thread_counts: list[int]) -> None:
+    from optim.host_adam import HostAdam
+    kernel = HostAdam.load()
+    if kernel is None:
+        print("\n### (d) skipped: DeepSpeed's CPU Adam kernel is not available\n")
+        return
+    numel = sum(torch.Size(s).numel() for s in D_SHAPES)
+    default_threads = torch.get_num_threads()
+    print("\n### (d) One AdamW step on host fp32 tensors: DeepSpeed's CPU Adam kernel vs torch.optim.AdamW\n")
+    print(f"{numel / 1e6:.2f}M fp32 parameters in {len(D_SHAPES)} tensors ({', '.join(map(str, D_SHAPES))}); lr "
+          f"{D_HP['lr']}, betas {D_HP['betas']}, weight decay {D_HP['weight_decay']}; a new gradient per step, the "
+          f"same for all three; median (min-max) of {reps} reps after {warmup} warm-up, the three alternating rep by "
+          f"rep. Ratio = torch median / kernel median. Max |diff| = largest parameter difference after "
+          f"{warmup + reps} steps from the same start (parameters ~0.02).\n")
+    print("| torch threads | kernel (ms) | torch for-loop (ms) | torch foreach (ms) | for-loop / kernel "
+          "| foreach / kernel | max abs diff kernel vs for-loop | max abs diff foreach vs for-loop |")
+    print("|---|---|---|---|---|---|---|---|")
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        g = torch.Generator().manual_seed(0)
+        init = [torch.randn(s, generator=g) * 0.02 for s in D_SHAPES]
+        grads = [torch.empty(s) for s in D_SHAPES]
+        ps = {k: [torch.nn.Parameter(w.clone()) for w in init] for k in ("kernel", "loop", "foreach")}
+        del init
+        opts = {"kernel": _KernelAdamW(ps["kernel"], kernel),
+                "loop": torch.optim.AdamW(ps["loop"], **D_HP),
+                "foreach": torch.optim.AdamW(ps["foreach"], **D_HP, foreach=True)}
+        times: dict[str, list[float]] = {k: [] for k in opts}
+        for i in range(warmup + reps):
+            for gr in grads:
+                gr.normal_(generator=g)
+            for k, o in opts.items():
+                for p, gr in zip(ps[k], grads, strict=True):
+                    p.grad = gr  # shared: none of the three writes to the gradient
+                t0 = time.perf_counter()
+                o.step()
+                dt = time.perf_counter() - t0
+                if i >= warmup:
+                    times[k].append(dt)
+        with torch.no_grad():
+            d_kernel = max((a - b).abs().max().item() for a, b in zip(ps["kernel"], ps["loop"], strict=True))
+            d_foreach = max((a - b).abs().max().item() for a, b in zip(ps["foreach"], ps["loop"], strict=True))
+        m = {k: statistics.median(v) for k, v in times.items()}
+        cell = {k: f"{fmt_ms(m[k])} ({fmt_ms(min(v))}-{fmt_ms(max(v))})" for k, v in times.items()}
+        label = f"{threads} (default)" if threads == default_threads else str(threads)
+        print(f"| {label} | {cell['kernel']} | {cell['loop']} | {cell['foreach']} | {m['loop'] / m['kernel']:.2f} | "
+              f"{m['foreach'] / m['kernel']:.2f} | {d_kernel:.1e} | {d_foreach:.1e} |")
+        print(f"(d) threads {threads} done", file=sys.stderr, flush=True)
+        del ps, opts, grads
+    torch.set_num_threads(default_threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    ap.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"],
+                    help="(d) only when named")
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -376,6 +458,8 @@ def main() -> None:
                     "default --reps")
     ap.add_argument("--warmup-c", type=int, default=None, help="warm-up reps for part (c); default --warmup")
     ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--threads-d", nargs="+", type=int, default=None,
+                    help="torch thread counts for part (d); default: the machine's default, then 1")
     args = ap.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start")
@@ -386,6 +470,9 @@ def main() -> None:
     if "c" in args.parts:
         part_c(args.reps_c if args.reps_c is not None else args.reps,
                args.warmup_c if args.warmup_c is not None else args.warmup, args.config)
+    if "d" in args.parts:
+        default = torch.get_num_threads()
+        part_d(args.reps, args.warmup, args.threads_d or ([default, 1] if default > 1 else [1]))
     print(f"\nload average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at end")
 
 
