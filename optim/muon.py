@@ -430,9 +430,11 @@ def build_muon(model: nn.Module, groups: ParamGroups, cfg: Mapping[str, Any]) ->
         g["use_muon"] = g["group"] == "matrix"
     adamw_params = [p for g in param_groups if not g["use_muon"] for p in g["params"]]
     fused = resolve_fused(cfg.get("fused", None) if cfg is not None else None, adamw_params)
-    # Under torch.distributed each FSDP-sharded matrix is orthogonalized once, by an owner rank.
+    # Under torch.distributed each FSDP-sharded matrix is orthogonalized once, by an owner rank. Also in a one-rank
+    # group (bf16 or offload in one process): the parameters are DTensors there too, and NS on their local tensors
+    # avoids DTensor dispatch on every one of its matmuls.
     orthogonalize = None
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized():
         from optim.distributed_ns import orthogonalize
     # As the adamw factory: fused only when chosen, else torch's default (for-loop on CPU, foreach on CUDA).
     return Muon(param_groups, **hp, **mh, fused=True if fused else None, orthogonalize=orthogonalize,
