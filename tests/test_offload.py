@@ -65,6 +65,7 @@ def test_kernel_is_torch_adamw() -> None:
     torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow  # four short training runs
 @pytest.mark.parametrize(("optimizer", "resumes"), [("muon", True), ("adamw", False)])
 def test_offloaded_run_is_the_plain_run_and_resumes_across(optimizer: str, resumes: bool, tmp_path: Path) -> None:
     """20 tiny steps: offloaded (FSDP2's CPUOffloadPolicy on a one-rank group, the kernel for AdamW groups) equals
