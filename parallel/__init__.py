@@ -10,7 +10,7 @@ from parallel.expert_parallel import apply_expert_parallel, dispatch_bytes
 from parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import ParallelDims, build_mesh, dp_mesh, init_distributed
 from parallel.pipeline import PipelinePlan, StageModule, plan_pipeline, prune_to_stages
-from parallel.utils import all_reduce_max, all_reduce_mean, all_reduce_sum, clip_grad_norm_
+from parallel.utils import all_reduce_max, all_reduce_sum, clip_grad_norm_
 
 
 def parallelize(model: Transformer, mesh: torch.distributed.device_mesh.DeviceMesh | None,
@@ -46,6 +46,6 @@ def parallelize(model: Transformer, mesh: torch.distributed.device_mesh.DeviceMe
 
 
 __all__ = [
-    "ParallelDims", "all_reduce_max", "all_reduce_mean", "all_reduce_sum", "build_mesh", "clip_grad_norm_",
+    "ParallelDims", "all_reduce_max", "all_reduce_sum", "build_mesh", "clip_grad_norm_",
     "PipelinePlan", "StageModule", "dispatch_bytes", "dp_mesh", "init_distributed", "parallelize", "plan_pipeline",
 ]

@@ -56,14 +56,6 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     return t
 
 
-def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    t = torch.tensor(values, device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
 def all_reduce_max(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Elementwise max over the ranks of `group` (default: all ranks), out of place; the identity in one
     process."""

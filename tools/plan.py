@@ -47,29 +47,17 @@ from torch import nn
 from models.config import ConfigError, ModelConfig
 from models.flops import flops_breakdown, flops_per_token
 from models.transformer import Transformer
-from parallel.pipeline import SCHEDULES, split_layers, stage_ids, virtual_stages
+from parallel.pipeline import SCHEDULES, virtual_stages
 from tools.plan_activations import POLICIES
 from tools.plan_comms import DEFAULT_PROFILE, Hardware, load_expert_profile
-from tools.plan_layout import Batch, format_layout, layout_sections
-from tools.plan_pipeline import format_pipeline, pipeline_section, stage_of_parameter
+from tools.plan_layout import Batch, layout_sections
+from tools.plan_pipeline import heaviest_pipeline_rank, offload_section, pipeline_section
+from tools.plan_text import CATEGORIES, FLOP_LABELS, format_plan  # noqa: F401  (re-exported)
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 OPTIMIZERS: tuple[str, ...] = ("adamw", "muon")
 DEFAULT_SEQ_LEN = 4096
 
-# Parameter categories, in table order. "norms" (RMSNorm gains) keeps the breakdown summing to the total.
-CATEGORIES: tuple[str, ...] = (
-    "embedding", "attention", "dense_ffn", "router", "shared_experts", "routed_experts", "norms", "lm_head",
-)
-FLOP_LABELS: dict[str, str] = {
-    "attention_proj": "attention projections (q/kv lora, kv_b, o)",
-    "attention_core": "attention scores + values (q.k, p.v)",
-    "dense_ffn": "dense FFN",
-    "router": "router",
-    "shared_experts": "shared experts",
-    "routed_experts": "routed experts",
-    "lm_head": "LM head",
-}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -267,7 +255,7 @@ def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout,
     cfg: ModelConfig = model.cfg
     layout.validate(cfg)
     n, ep = layout.gpus // layout.pp, layout.ep
-    on_rank = _heaviest_pipeline_rank(model, cfg, layout, seq_len)
+    on_rank = heaviest_pipeline_rank(model, cfg, layout, seq_len)
     state_slots = {"adamw": (2, 2), "muon": (1, 2)}[layout.optimizer]  # (matrix, other) states per param
 
     held = 0.0  # parameters on one GPU
@@ -313,20 +301,6 @@ def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout,
         expert_fsdp=n // ep,
         assumptions=assumptions,
     )
-
-
-def _heaviest_pipeline_rank(model: nn.Module, cfg: ModelConfig, layout: Layout, seq_len: int):  # noqa: ANN202
-    """A predicate on parameter names: those of the pipeline rank holding the most parameters (all without one)."""
-    if layout.pp == 1:
-        return lambda name: True
-    v = virtual_stages(layout.pp_schedule, layout.pp_virtual)
-    split = split_layers(cfg, layout.pp * v, seq_len)
-    rank_of = {s: r for r in range(layout.pp) for s in stage_ids(layout.pp_schedule, layout.pp, v, r)}
-    per_rank = [0] * layout.pp
-    for name, p in model.named_parameters():
-        per_rank[rank_of[stage_of_parameter(name, split)]] += p.numel()
-    heaviest = max(range(layout.pp), key=per_rank.__getitem__)
-    return lambda name: rank_of[stage_of_parameter(name, split)] == heaviest
 
 
 # --- config loading ---------------------------------------------------------------------------------
@@ -479,96 +453,8 @@ def make_plan(cfg: ModelConfig, seq_len: int, layout: Layout, *, source: str = "
     plan.update(layout_sections(model, cfg, seq_len, layout, batch, hardware, profile, source_note,
                                 param_category, _is_muon_matrix, mem.total, mem.largest_unit_gathered,
                                 plan.get("pipeline")))
-    plan["offload"] = _offload_section(plan["fit"], layout, hardware)
+    plan["offload"] = offload_section(plan["fit"], layout, hardware)
     return plan
-
-
-def _offload_section(fit: dict[str, Any], layout: Layout, hw: Hardware) -> dict[str, Any]:
-    """Per-GPU memory with and without `optim.offload: cpu`, and the host memory it takes per node; under offload the
-    fit itself counts no sharded state on the GPU (FSDP2 copies each unit in for its all-gather)."""
-    state = fit["parts"]["state"]
-    on_gpu = fit["bytes"] - state
-    if layout.offload == "cpu":
-        fit["parts"]["state"] = 0.0
-        fit["bytes"] = on_gpu
-        fit["devices"] = {name: {"memory_bytes": d["memory_bytes"], "fits": on_gpu <= d["memory_bytes"]}
-                          for name, d in fit["devices"].items()}
-    return {"chosen": layout.offload, "state_bytes_per_gpu": state,
-            "gpu_bytes": {"none": on_gpu + state, "cpu": on_gpu},
-            "host_bytes_per_node_cpu": state * min(hw.gpus_per_node, layout.gpus),
-            "note": "offloaded: weights, gradients and optimizer states (fp32 shards) live in host memory; each "
-                    "step copies every unit in for its all-gather and the gradients out (over PCIe, not modelled "
-                    "in the step time); AdamW steps on the host, Newton-Schulz on the GPU"}
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_plan(plan: dict[str, Any]) -> str:
-    """The human-readable table."""
-    p, f, m, lay = plan["params"], plan["flops_per_token"], plan["memory"], plan["layout"]
-    s = plan["seq_len"]
-    w = 44
-    lines = [f"Chogori plan: {plan['config'] or 'model'}   seq_len {s}", ""]
-
-    lines.append(f"{'Parameters':<{w}}{'total':>22}{'activated / token':>22}")
-    for cat, n in p["breakdown"].items():
-        if n or cat in CATEGORIES:
-            lines.append(f"  {cat.replace('_', ' '):<{w - 2}}{n:>22,}{p['activated_breakdown'][cat]:>22,}")
-    lines.append(f"  {'total':<{w - 2}}{p['total']:>22,}{p['activated']:>22,}")
-    lines.append(f"  {'':<{w - 2}}{_human(p['total']):>22}{_human(p['activated']):>22}")
-    lines.append("")
-
-    lines.append(f"{'FLOPs per token (2 per multiply-add)':<{w}}{'forward':>22}{'fwd + bwd':>22}")
-    for part, n in f["forward_breakdown"].items():
-        lines.append(f"  {FLOP_LABELS[part]:<{w - 2}}{n:>22,}{3 * n:>22,}")
-    lines.append(f"  {'total':<{w - 2}}{f['forward']:>22,}{f['training']:>22,}")
-    lines.append(f"  {'':<{w - 2}}{_human(f['forward']):>22}{_human(f['training']):>22}")
-    lines.append(f"  attention is causal: query i sees i keys, (S+1)/2 = {(s + 1) / 2:g} on average; "
-                 "training = 3 x forward")
-    tr = f["training"]
-    lines.append("  cross-check, training FLOPs per token:")
-    for label, v in (("all S keys (no causal discount)", f["training_noncausal"]),
-                     ("6 * N_activated", f["approx_6N"]),
-                     ("6 * N_act(matmul) + 6*L*h*(dqk+dv)*S", f["approx_6N_plus_attention"])):
-        lines.append(f"    {label:<{w - 4}}{'':>22}{v:>22,}  ({v / tr:.3f}x exact)")
-    lines.append("")
-
-    opt = lay["optimizer"]
-    gpus = f"{lay['gpus']} GPU" + ("s" if lay["gpus"] > 1 else "")
-    lines.append(f"Memory per GPU: {gpus}, ep {lay['ep']} ({m['experts_per_rank']} experts per "
-                 f"rank, expert fsdp {m['expert_fsdp']}), dense fsdp {lay['gpus'] // lay['pp']}, {opt}"
-                 + (f", pp {lay['pp']} ({lay['pp_schedule']}; the fullest pipeline rank)" if lay["pp"] > 1 else ""))
-    lines.append(f"  {'parameters held per GPU':<{w - 2}}{m['params_per_gpu']:>22,.0f}"
-                 f"{_human(m['params_per_gpu']):>22}")
-    by = m["bytes_per_gpu"]
-    rows = [(f"weights ({lay['param_dtype']} master)", by["weights"]),
-            (f"gradients ({lay['grad_dtype']})", by["grads"]),
-            (f"optimizer ({opt}, {lay['optim_dtype']} states)", by["optimizer"]),
-            ("total (weights + grads + optimizer)", by["total"])]
-    for label, v in rows:
-        lines.append(f"  {label:<{w - 2}}{_bytes(v):>22}")
-    lines.append(f"  {'not in total: largest FSDP unit gathered':<{w - 2}}"
-                 f"{_bytes(m['largest_unit_gathered_bytes']):>22}"
-                 f"  ({m['largest_unit']}, {lay['compute_dtype']}, transient)")
-    lines.append("  assumptions:")
-    lines += [f"    - {a}" for a in m["assumptions"]]
-    lines.append("")
-    if "pipeline" in plan:
-        lines += format_pipeline(plan["pipeline"], lay["pp_schedule"], w)
-    lines += format_layout(plan, w)
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

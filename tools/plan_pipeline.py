@@ -117,3 +117,35 @@ def format_pipeline(section: dict[str, Any], chosen: str, w: int = 44) -> list[s
                  "the fullest pipeline rank's")
     lines.append("")
     return lines
+
+
+def heaviest_pipeline_rank(model: nn.Module, cfg: ModelConfig, layout: Any, seq_len: int) -> Callable[[str], bool]:
+    """A predicate on parameter names: those of the pipeline rank holding the most parameters (all without one)."""
+    if layout.pp == 1:
+        return lambda name: True
+    v = virtual_stages(layout.pp_schedule, layout.pp_virtual)
+    split = split_layers(cfg, layout.pp * v, seq_len)
+    rank_of = {s: r for r in range(layout.pp) for s in stage_ids(layout.pp_schedule, layout.pp, v, r)}
+    per_rank = [0] * layout.pp
+    for name, p in model.named_parameters():
+        per_rank[rank_of[stage_of_parameter(name, split)]] += p.numel()
+    heaviest = max(range(layout.pp), key=per_rank.__getitem__)
+    return lambda name: rank_of[stage_of_parameter(name, split)] == heaviest
+
+
+def offload_section(fit: dict[str, Any], layout: Any, hw: Any) -> dict[str, Any]:
+    """Per-GPU memory with and without `optim.offload: cpu`, and the host memory it takes per node; under offload the
+    fit itself counts no sharded state on the GPU (FSDP2 copies each unit in for its all-gather)."""
+    state = fit["parts"]["state"]
+    on_gpu = fit["bytes"] - state
+    if layout.offload == "cpu":
+        fit["parts"]["state"] = 0.0
+        fit["bytes"] = on_gpu
+        fit["devices"] = {name: {"memory_bytes": d["memory_bytes"], "fits": on_gpu <= d["memory_bytes"]}
+                          for name, d in fit["devices"].items()}
+    return {"chosen": layout.offload, "state_bytes_per_gpu": state,
+            "gpu_bytes": {"none": on_gpu + state, "cpu": on_gpu},
+            "host_bytes_per_node_cpu": state * min(hw.gpus_per_node, layout.gpus),
+            "note": "offloaded: weights, gradients and optimizer states (fp32 shards) live in host memory; each "
+                    "step copies every unit in for its all-gather and the gradients out (over PCIe, not modelled "
+                    "in the step time); AdamW steps on the host, Newton-Schulz on the GPU"}
