@@ -1,9 +1,11 @@
 """Finding and reading raw text for `python -m data.prepare`: globs, work-unit planning, document readers.
 
 A `.txt` (or any other text) file is one document; a `.jsonl` / `.json` / `.ndjson` line is one document (its
-text field); a parquet row is one document; `.gz` text and jsonl are read compressed. Large jsonl files are cut
-into byte ranges (a line belongs to the range holding its first byte), parquet files into row-group ranges, and
-small files are packed together, so the plan is a deterministic function of the inputs and the unit size.
+text field); a parquet or Arrow row is one document; `.gz` text and jsonl are read compressed. A directory
+stands for the data files it holds (a `save_to_disk` dataset, or `.arrow` / `.parquet` files: data/hf_disk.py).
+Large jsonl files are cut into byte ranges (a line belongs to the range holding its first byte), parquet files
+into row-group ranges, Arrow files into record-batch ranges, and small files are packed together, so the plan
+is a deterministic function of the inputs and the unit size.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+from data.hf_disk import DiskDatasetError, arrow_batch_sizes, arrow_batches, arrow_schema_names, directory_files
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -32,18 +36,43 @@ def _kind(path: str) -> tuple[str, bool]:
         if gz:
             raise PrepareError(f"{path}: parquet files are compressed internally; do not gzip them")
         return "parquet", False
+    if name.endswith(".arrow"):
+        if gz:
+            raise PrepareError(f"{path}: gzipped Arrow files cannot be memory-mapped; decompress them")
+        return "arrow", False
     return ("jsonl" if name.endswith(_JSON_SUFFIXES) else "text"), gz
 
 
-def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Every file matched by the globs, sorted and de-duplicated; a glob that matches nothing is an error."""
+def expand_inputs(patterns: Iterable[str], split: str = "train") -> list[str]:
+    """Every file matched by the globs, sorted and de-duplicated; a glob that matches nothing is an error.
+
+    A matched directory contributes the data files of `split` it holds (data/hf_disk.py), so `--input DIR`
+    reads a `save_to_disk` dataset or a directory of Arrow / Parquet files.
+    """
     files: set[str] = set()
     for pattern in patterns:
-        matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
-        if not matched:
+        matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+        found = [os.path.abspath(p) for p in matched if os.path.isfile(p)]
+        for d in (p for p in matched if os.path.isdir(p)):
+            try:
+                found += directory_files(d, split)
+            except DiskDatasetError as e:
+                raise PrepareError(str(e)) from None
+        if not found:
             raise PrepareError(f"input {pattern!r} matches no files")
-        files.update(os.path.abspath(p) for p in matched)
+        files.update(found)
     return sorted(files)
+
+
+def _ranges(path: str, kind: str, sizes: list[int], unit_bytes: int) -> list[dict[str, Any]]:
+    """Consecutive row groups / record batches (of `sizes` bytes) grouped into pieces of about `unit_bytes`."""
+    out, first, acc = [], 0, 0
+    for g, size in enumerate(sizes):
+        acc += size
+        if acc >= unit_bytes or g == len(sizes) - 1:
+            out.append({"path": path, "kind": kind, "start": first, "end": g + 1, "bytes": acc})
+            first, acc = g + 1, 0
+    return out
 
 
 def _pieces(path: str, unit_bytes: int) -> list[dict[str, Any]]:
@@ -57,13 +86,13 @@ def _pieces(path: str, unit_bytes: int) -> list[dict[str, Any]]:
             meta = pq.ParquetFile(path).metadata
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise PrepareError(f"{path}: not a readable parquet file ({e})") from e
-        out, first, acc = [], 0, 0
-        for g in range(meta.num_row_groups):
-            acc += meta.row_group(g).total_byte_size
-            if acc >= unit_bytes or g == meta.num_row_groups - 1:
-                out.append({"path": path, "kind": kind, "start": first, "end": g + 1, "bytes": acc})
-                first, acc = g + 1, 0
-        return out
+        return _ranges(path, kind, [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)],
+                       unit_bytes)
+    if kind == "arrow":
+        try:
+            return _ranges(path, kind, arrow_batch_sizes(path), unit_bytes)
+        except DiskDatasetError as e:
+            raise PrepareError(str(e)) from None
     if kind == "jsonl" and not gz and size > unit_bytes:
         return [{"path": path, "kind": kind, "start": a, "end": min(a + unit_bytes, size),
                  "bytes": min(unit_bytes, size - a)} for a in range(0, size, unit_bytes)]
@@ -169,12 +198,31 @@ def _parquet_docs(piece: dict[str, Any], field: str) -> Iterator[str]:
             yield text
 
 
+def _arrow_docs(piece: dict[str, Any], field: str) -> Iterator[str]:
+    path = piece["path"]
+    try:
+        names = arrow_schema_names(path)
+        if field not in names:
+            raise PrepareError(f"{path}: no column {field!r} (columns: {', '.join(names)}); "
+                               f"choose one with --text-field")
+        for b, batch in enumerate(arrow_batches(path, piece["start"], piece["end"]), start=piece["start"]):
+            for row, text in enumerate(batch.column(field).to_pylist()):
+                if not isinstance(text, str):
+                    raise PrepareError(f"{path}: record batch {b} row {row}: column {field!r} is "
+                                       f"{type(text).__name__}, not a string")
+                yield text
+    except DiskDatasetError as e:
+        raise PrepareError(str(e)) from None
+
+
 def read_documents(piece: dict[str, Any], text_field: str) -> Iterator[str]:
     """The documents of one piece of an input file, in file order."""
     if piece["kind"] == "jsonl":
         yield from _jsonl_docs(piece, text_field)
     elif piece["kind"] == "parquet":
         yield from _parquet_docs(piece, text_field)
+    elif piece["kind"] == "arrow":
+        yield from _arrow_docs(piece, text_field)
     else:
         opener = gzip.open if piece.get("gz") else open
         with opener(piece["path"], "rb") as f:

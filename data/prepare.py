@@ -1,8 +1,9 @@
 """`python -m data.prepare`: tokenize raw text into a directory of shards, in parallel and resumably.
 
 Input is either local files by glob (``.txt`` and any other text file: one document per file; ``.jsonl`` /
-``.json``: one JSON object per line with a text field; ``.parquet``: one row per document; ``.gz`` for
-compressed text/jsonl) or a Hugging Face `datasets` dataset, streamed. Output::
+``.json``: one JSON object per line with a text field; ``.parquet`` and ``.arrow``: one row per document;
+``.gz`` for compressed text/jsonl), directories (a ``save_to_disk`` dataset, whose split ``--hf-split``
+chooses, or any directory of Arrow / Parquet files), or a Hugging Face `datasets` dataset, streamed. Output::
 
     OUT/prepare.json      the plan: settings and work units (written first; a rerun must match it)
     OUT/tokenizer.json    a copy of the tokenizer (absent for the built-in byte tokenizer)
@@ -10,7 +11,8 @@ compressed text/jsonl) or a Hugging Face `datasets` dataset, streamed. Output::
     OUT/dataset.json      written last: totals, dtype, tokenizer fingerprint and every shard's checksums
 
 **Work units.** Inputs are cut into units of about ``--unit-mb`` of raw text: large jsonl files by byte
-range (a line belongs to the range holding its first byte), parquet files by row groups, whole small files
+range (a line belongs to the range holding its first byte), parquet files by row groups, Arrow files by
+record batches (read from memory maps, never whole), whole small files
 packed together; a streamed dataset by ``--docs-per-unit`` documents. Each unit becomes one train and one
 val shard, written by a worker process. Which document goes to validation is decided by a hash of its text
 (so duplicates land on the same side), never by position or worker.
@@ -41,6 +43,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from data.hf_disk import is_save_to_disk
 from data.inputs import PrepareError, _file_identity, _text_field, expand_inputs, plan_units, read_documents
 from data.shards import MANIFEST_FILE, ShardError, ShardWriter, fsync_dir, is_shard, token_dtype
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -231,10 +234,19 @@ def prepare(
     unit_mb: float = 256.0,
     docs_per_unit: int = 100_000,
     progress: bool = True,
+    split: str = "train",
 ) -> dict[str, Any]:
-    """Build (or finish) the dataset at `out`; returns the dataset manifest. See the module doc."""
+    """Build (or finish) the dataset at `out`; returns the dataset manifest. See the module doc.
+
+    `split` chooses the split of a `save_to_disk` DatasetDict or a split-named Arrow/Parquet directory input.
+    """
     from tqdm import tqdm
 
+    hf_path = str((hf_dataset or {}).get("path") or "")
+    if hf_path and inputs is None and not (hf_dataset or {}).get("data_files") and is_save_to_disk(hf_path):
+        # `datasets.load_dataset` cannot open what `save_to_disk` wrote; read its Arrow files as local inputs
+        # instead (split by record batches over the workers, like any Arrow directory).
+        inputs, split, hf_dataset = [hf_path], (hf_dataset or {}).get("split") or split, None
     if (inputs is None) == (hf_dataset is None):
         raise PrepareError("give either --input globs or --hf-dataset, not both or neither")
     if not 0 <= val_fraction < 1:
@@ -249,7 +261,7 @@ def prepare(
                             "val_fraction": val_fraction}
     units: list[dict[str, Any]] | None = None
     if inputs is not None:
-        files = expand_inputs(inputs)
+        files = expand_inputs(inputs, split)
         units = plan_units(files, int(unit_mb * 2**20))
         plan.update(files=_file_identity(files), units=units)
     else:
@@ -421,11 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Rerun the same command after an interruption to finish the missing shards.")
     src = p.add_argument_group("input (one of)")
     src.add_argument("--input", action="append", metavar="GLOB",
-                     help="local files: txt (one document per file), jsonl, parquet, .gz; repeatable")
+                     help="local files: txt (one document per file), jsonl, parquet, arrow, .gz; or a directory: "
+                     "a save_to_disk dataset, or Arrow/Parquet files; repeatable")
     src.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face datasets name or builder (json, parquet, "
-                     "text), streamed")
+                     "text), streamed; a save_to_disk directory is read as --input DIR")
     src.add_argument("--hf-config", default=None, help="the dataset's configuration name")
-    src.add_argument("--hf-split", default="train", help="the split to read (default train)")
+    src.add_argument("--hf-split", default="train", help="the split to read (default train); also "
+                     "the split of a save_to_disk DatasetDict or split-named files in an --input directory")
     src.add_argument("--hf-data-files", action="append", default=None, metavar="GLOB",
                      help="data_files for builders like json/parquet")
     p.add_argument("--out", required=True, help="output directory")
@@ -453,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(a.out, inputs=a.input, hf_dataset=hf, tokenizer=a.tokenizer, text_field=a.text_field,
                 val_fraction=a.val_fraction, workers=a.workers, unit_mb=a.unit_mb, docs_per_unit=a.docs_per_unit,
-                progress=not a.quiet)
+                progress=not a.quiet, split=a.hf_split)
     except (PrepareError, ShardError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

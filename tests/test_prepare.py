@@ -275,3 +275,99 @@ def test_valid_jsonl_never_pays_for_line_numbers(inputs: tuple[Path, Counter[str
         f.write('{"text": "cut\n')
     with pytest.raises(AssertionError, match="_line_number called"):
         prepare(tmp_path / "out-bad", inputs=[str(tmp_path / "bad" / "*.jsonl")], workers=0, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- HF on-disk forms
+
+
+def _save_to_disk(tmp_path: Path, texts: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A `Dataset.save_to_disk` directory (2 Arrow files, several record batches each) and a DatasetDict one."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))})
+    single, dd = tmp_path / "saved", tmp_path / "saved_dict"
+    datasets.disable_progress_bars()
+    monkeypatch.setattr(datasets.config, "DEFAULT_MAX_BATCH_SIZE", 16)  # rows per record batch written
+    ds.save_to_disk(str(single), num_shards=2)
+    datasets.DatasetDict({"train": ds.select(range(10)), "validation": ds}).save_to_disk(str(dd))
+    return single, dd
+
+
+def test_save_to_disk_directories_are_read_in_record_batch_units(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from data.hf_disk import arrow_batch_sizes, directory_files
+
+    texts = _docs(200, seed=3)
+    single, dd = _save_to_disk(tmp_path, texts, monkeypatch)
+    files = directory_files(single)
+    assert len(files) == 2 and all(len(arrow_batch_sizes(f)) > 1 for f in files)
+    units = plan_units(expand_inputs([str(single)]), 2000)
+    assert len(units) > 4 and {p["kind"] for u in units for p in u["pieces"]} == {"arrow"}
+    out = tmp_path / "out"
+    manifest = prepare(out, inputs=[str(single)], workers=0, unit_mb=2000 / 2**20, progress=False)
+    assert _all_docs(out) == Counter(texts)
+    assert len(manifest["splits"]["train"]["shards"]) == len(units)
+    assert prepare(out, inputs=[str(single)], workers=0, unit_mb=2000 / 2**20, progress=False)["splits"] == \
+        manifest["splits"]  # a rerun finds the plan unchanged and the dataset complete
+    # A DatasetDict: the split is chosen (the CLI's --hf-split); --hf-dataset DIR reads the same files.
+    prepare(tmp_path / "dd", inputs=[str(dd)], split="validation", workers=0, progress=False)
+    assert _all_docs(tmp_path / "dd") == Counter(texts)
+    prepare(tmp_path / "hf", hf_dataset={"path": str(dd), "split": "train"}, workers=0, progress=False)
+    assert _all_docs(tmp_path / "hf") == Counter(texts[:10])
+    with pytest.raises(PrepareError, match=r"splits train, validation; no split 'test'"):
+        prepare(tmp_path / "x", inputs=[str(dd)], split="test", workers=0, progress=False)
+    # The rerun check covers the Arrow files: one rewritten underneath the plan is named.
+    os.utime(files[1], ns=(1, 1))
+    with pytest.raises(PrepareError, match=rf"{Path(files[1]).name}: input changed"):
+        prepare(out, inputs=[str(single)], workers=0, unit_mb=2000 / 2**20, progress=False)
+
+
+def test_arrow_and_parquet_directories(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = _docs(120, seed=4)
+    src = tmp_path / "mixed"
+    (src / "sub").mkdir(parents=True)
+    table = pa.table({"text": texts[:60], "n": list(range(60))})
+    with pa.OSFile(str(src / "a.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:  # IPC file format
+        for batch in table.to_batches(max_chunksize=9):
+            w.write_batch(batch)
+    with pa.OSFile(str(src / "sub" / "b.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(pa.table({"text": texts[60:90], "n": list(range(30))}), max_chunksize=4)
+    pq.write_table(pa.table({"text": texts[90:]}), src / "sub" / "c.parquet", row_group_size=5)
+    (src / "notes.txt").write_text("not data: only .arrow / .parquet files of a directory are read")
+    prepare(tmp_path / "out", inputs=[str(src)], workers=0, unit_mb=600 / 2**20, progress=False)
+    assert _all_docs(tmp_path / "out") == Counter(texts)
+    # Hub-style split names: the chosen split's files only.
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts[:50]}), hub / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": texts[50:]}), hub / "test-00000-of-00001.parquet")
+    assert expand_inputs([str(hub.parent)], "test") == [str(hub / "test-00000-of-00001.parquet")]
+
+
+@pytest.mark.parametrize("case", ["corrupt", "truncated", "column", "empty_dir"])
+def test_bad_arrow_input_names_the_file(case: str, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    src = tmp_path / "src"
+    src.mkdir()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": ["a" * 100] * 50}), max_chunksize=5)
+    data = sink.getvalue().to_pybytes()
+    match = r"bad\.arrow: "
+    if case == "corrupt":
+        (src / "bad.arrow").write_bytes(b"\x00garbage" * 20)
+    elif case == "truncated":
+        (src / "bad.arrow").write_bytes(data[: len(data) // 2])
+    elif case == "column":
+        (src / "bad.arrow").write_bytes(data)
+        match = r"bad\.arrow: no column 'body' \(columns: text\)"
+    else:
+        (src / "x.txt").write_text("hello")
+        match = r"src: a directory with no \.arrow or \.parquet files"
+    kwargs = {"text_field": "body"} if case == "column" else {}
+    with pytest.raises(PrepareError, match=match):
+        prepare(tmp_path / "out", inputs=[str(src)], workers=0, progress=False, **kwargs)
