@@ -14,6 +14,7 @@ _LAZY = {
     "HFTokenizer": "data.tokenizer",
     "Tokenizer": "data.tokenizer",
     "load_tokenizer": "data.tokenizer",
+    "save_for_transformers": "data.tokenizer",
     "tokenizer_from_fingerprint": "data.tokenizer",
     "train_bpe": "data.tokenizer",
     "Shard": "data.shards",

@@ -13,6 +13,9 @@ find the tokenizer again from a shard (`tokenizer_from_fingerprint`). Three kind
   ``python -m data.tokenizer train --vocab-size N --out DIR FILES...``; it is written as a ``tokenizer.json``
   and loaded back as an `HFTokenizer`. ``python -m data.tokenizer info SPEC`` describes any tokenizer.
 
+`save_for_transformers(tok, dir, model_max_length)` writes any of them as `transformers.AutoTokenizer` loads it
+(the byte tokenizer as an equivalent byte-level `tokenizers` JSON, `ByteTokenizer.to_hf_json`).
+
 `load_tokenizer(spec)` turns ``"byte"`` or a path into a tokenizer. The `tokenizers` package is imported only
 when an `HFTokenizer` is made or trained, so the byte tokenizer works without it.
 """
@@ -120,8 +123,38 @@ class ByteTokenizer:
             raise ValueError(f"token id {int(bad)} is outside the byte vocabulary [0, {self.vocab_size})")
         return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
+    def to_hf_json(self) -> str:
+        """This tokenizer as a Hugging Face `tokenizers` JSON (what `save_for_transformers` writes as
+        tokenizer.json): encode and decode give exactly this tokenizer's ids and text, invalid UTF-8 included.
+
+        A BPE with no merges over a 256-token vocabulary, token i being byte i in GPT-2's byte-level alphabet,
+        behind the ByteLevel pre-tokenizer without its regex split (so text is only mapped to bytes, never cut)
+        and the ByteLevel decoder; the special tokens keep their ids 256..258. The ByteLevel decoder is chosen
+        over byte-fallback `<0xNN>` tokens because it decodes invalid UTF-8 as Python's errors="replace" does,
+        where the byte-fallback decoder also swallows the valid bytes that follow an invalid one."""
+        hf = _hf()
+        tok = hf.Tokenizer(hf.models.BPE(vocab={c: b for b, c in enumerate(_byte_level_chars())}, merges=[]))
+        tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = hf.decoders.ByteLevel()
+        for name, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
+            tok.add_special_tokens([hf.AddedToken(name, special=True, normalized=False)])
+            if tok.token_to_id(name) != i:  # added tokens take the next free id; the ids are the format
+                raise AssertionError(f"special token {name} got id {tok.token_to_id(name)}, not {i}")
+        return tok.to_str(pretty=True)
+
     def __repr__(self) -> str:
         return f"ByteTokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
+
+
+def _byte_level_chars() -> list[str]:
+    """The character GPT-2's byte-level alphabet (the `ByteLevel` pre-tokenizer's) gives each byte 0..255:
+    printable Latin-1 bytes stand for themselves, the other 68 take the code points 256, 257, ... in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in printable}, 256
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = chr(extra), extra + 1
+    return [chars[b] for b in range(256)]
 
 
 def _hf() -> Any:
@@ -316,6 +349,51 @@ def tokenizer_from_fingerprint(
         seen.append(f"{path}={tok.fingerprint}")
     hint = "" if len(seen) > 1 else "; pass the directory holding its tokenizer.json to search"
     raise ValueError(f"unknown tokenizer fingerprint {fingerprint!r}: searched {'; '.join(seen)}{hint}")
+
+
+def special_token_names(tok: Tokenizer) -> dict[str, str]:
+    """{"bos_token": ..., "eos_token": ..., "pad_token": ...}: the spelling of each special id of `tok`."""
+    if isinstance(tok, HFTokenizer):
+        def name(i: int) -> str:
+            return str(tok.tokenizer.id_to_token(i))
+    elif isinstance(tok, ByteTokenizer):
+        names = {i: n for n, i in tok.special_tokens.items()}
+
+        def name(i: int) -> str:
+            return names[i]
+    else:
+        raise TypeError(f"no Hugging Face form for {tok!r}")
+    return {"bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id)}
+
+
+def save_for_transformers(tok: Tokenizer, directory: str | os.PathLike[str], model_max_length: int) -> list[str]:
+    """Write `tok` into `directory` as `transformers.AutoTokenizer.from_pretrained` reads it: tokenizer.json
+    (a copy of an `HFTokenizer`'s file; `ByteTokenizer.to_hf_json` for the byte tokenizer),
+    tokenizer_config.json and special_tokens_map.json. Each file is written atomically. Returns the names.
+
+    As in training, no BOS or EOS is added to encoded text (unless an `HFTokenizer`'s own file adds them).
+    One difference: `transformers` encodes the spelling of a special token inside text as the special id,
+    where Chogori's tokenizers encode it as ordinary text."""
+    directory = Path(directory)
+    if isinstance(tok, HFTokenizer):
+        text = tok._text  # the file itself, not a re-serialization: the same fingerprint if it is loaded back
+    elif isinstance(tok, ByteTokenizer):
+        text = tok.to_hf_json()
+    else:
+        raise TypeError(f"no Hugging Face form for {tok!r}")
+    specials = special_token_names(tok)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "model_max_length": int(model_max_length),
+        # Decoding must give back the text exactly: no " ," -> "," clean-up.
+        "clean_up_tokenization_spaces": False,
+    }
+    files = {TOKENIZER_FILE: text, "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+             "special_tokens_map.json": json.dumps(specials, indent=2, ensure_ascii=False) + "\n"}
+    for name, content in files.items():
+        _atomic_write_text(directory / name, content)
+    return list(files)
 
 
 def _training_texts(files: Sequence[str], text_field: str) -> Iterator[str]:

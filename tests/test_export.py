@@ -23,6 +23,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from data.tokenizer import ByteTokenizer, train_bpe
 from models import ModelConfig, Transformer
 from models.hf import from_hf_tensors, read_hf_tensors
 from tools.export import main, read_model_config, resolve_checkpoint
@@ -30,7 +31,7 @@ from train.config import load_config
 from train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -168,6 +169,83 @@ def test_default_dtype_is_bf16_and_step_selects_a_checkpoint(single_run, tmp_pat
     # exporting again over an earlier export replaces it
     assert main([str(ckpt), str(out), "--dtype", "fp32"]) == 0
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}
+
+
+def test_export_has_the_runs_tokenizer_and_generates(single_run, tmp_path, capsys) -> None:
+    run_dir, trainer = single_run
+    assert trainer.cfg.model.bos_token_id is None and trainer.cfg.model.eos_token_id is None  # tiny leaves them null
+    out = tmp_path / "hf"
+    assert main([str(run_dir / "checkpoints" / "step-3"), str(out), "--dtype", "fp32"]) == 0
+    assert "tokenizer: ByteTokenizer" in capsys.readouterr().out  # the built-in corpus's tokenizer
+    assert TOKENIZER_FILES <= {p.name for p in out.iterdir()}
+    byte = ByteTokenizer()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (byte.bos_id, byte.eos_id)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = "def naïve(x):  # 東京 🙂 Ωμέγα\n    return"
+    assert tok(prompt)["input_ids"] == byte.encode(prompt)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (byte.bos_id, byte.eos_id, byte.pad_id)
+    batch = tok(prompt, return_tensors="pt")
+    generated = load_hf(out).generate(**batch, max_new_tokens=5, do_sample=False)[0]
+    n = batch["input_ids"].shape[1]
+    assert n < generated.shape[0] <= n + 5 and torch.equal(generated[:n], batch["input_ids"][0])
+    assert tok.decode(generated, skip_special_tokens=True).startswith(prompt)
+    # greedy: the first new token is Chogori's own model's argmax
+    with torch.no_grad():
+        trainer.model.eval()
+        assert generated[n].item() == trainer.model(batch["input_ids"]).logits[0, -1].argmax().item()
+
+
+def rewrite_checkpoint_file(ckpt: Path, name: str, text: str) -> None:
+    """Replace a checkpoint file *and* its checksum (a consistently saved checkpoint that says otherwise)."""
+    (ckpt / name).write_text(text)
+    sums = json.loads((ckpt / "checksums-rank0.json").read_text())
+    sums[name] = hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+    (ckpt / "checksums-rank0.json").write_text(json.dumps(sums))
+
+
+def test_unknown_tokenizer_warns_and_tokenizer_option_names_one(single_run, tmp_path, capsys) -> None:
+    ckpt = copy_checkpoint(single_run[0] / "checkpoints" / "step-3", tmp_path / "step-3")
+    state = json.loads((ckpt / "train_state-rank0.json").read_text())
+    rewrite_checkpoint_file(ckpt, "train_state-rank0.json", json.dumps({**state, "tokenizer": "0123456789abcdef"}))
+    doc = yaml.safe_load((ckpt / "config.yaml").read_text())
+    doc["data"]["source"] = str(tmp_path / "gone")  # the prepared data (and its tokenizer.json) is not here
+    rewrite_checkpoint_file(ckpt, "config.yaml", yaml.safe_dump(doc))
+
+    out = tmp_path / "hf"
+    assert main([str(ckpt), str(out)]) == 0  # the model alone, with a one-line warning
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ") and "0123456789abcdef" in err and "--tokenizer" in err
+    assert not TOKENIZER_FILES & {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] is None
+
+    # --tokenizer: an HF tokenizer file (not the recorded one: a warning says so) ...
+    bpe = train_bpe([str(Path(json.__file__).parent / "decoder.py")], 300, tmp_path / "tok", show_progress=False)
+    assert main([str(ckpt), str(out), "--tokenizer", str(bpe.path)]) == 0
+    assert "is not the one the run trained with" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (bpe.bos_id, bpe.eos_id) == (1, 0)
+    text = "naïve — 東京 🙂 x = {'a': [1, 2]}"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == bpe.encode(text)
+    # ... or "byte"
+    assert main([str(ckpt), str(out), "--tokenizer", "byte"]) == 0
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == ByteTokenizer().eos_id
+    capsys.readouterr()
+
+    # refused before anything is written: a missing file, a tokenizer larger than the model's vocabulary
+    missing = tmp_path / "missing.json"
+    assert main([str(ckpt), str(tmp_path / "x"), "--tokenizer", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    big = train_bpe([str(Path(json.__file__).parent / "decoder.py")], 400, tmp_path / "big", min_frequency=1,
+                    show_progress=False)
+    assert big.vocab_size > single_run[1].cfg.model.vocab_size
+    assert main([str(ckpt), str(tmp_path / "x"), "--tokenizer", str(big.path)]) == 2
+    assert "more than model.vocab_size=320" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, tokenizer_from_fingerprint, train_bpe
+from data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    save_for_transformers,
+    tokenizer_from_fingerprint,
+    train_bpe,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -96,6 +104,42 @@ def test_encode_matches_transformers(bpe: HFTokenizer) -> None:
     for text in (UNSEEN, "x", " leading space", "def f(x):\n    return x  # done\n\n"):
         assert bpe.encode(text) == ref.encode(text, add_special_tokens=False)
     assert bpe.decode(bpe.encode(UNSEEN)) == ref.decode(ref.encode(UNSEEN, add_special_tokens=False))
+
+
+# ---------------------------------------------------------------- the transformers form (tools/export.py writes it)
+
+
+def test_byte_tokenizer_json_encodes_and_decodes_as_the_byte_tokenizer() -> None:
+    import tokenizers
+
+    byte = ByteTokenizer()
+    hf = tokenizers.Tokenizer.from_str(byte.to_hf_json())
+    assert hf.get_vocab_size(with_added_tokens=True) == byte.vocab_size
+    assert {n: hf.token_to_id(n) for n in byte.special_tokens} == byte.special_tokens
+    for text in (UNSEEN, "", " ", "  two  spaces ", "<0x41> \x00\x7f\u0080 ÿ"):
+        assert hf.encode(text, add_special_tokens=False).ids == byte.encode(text)
+        assert hf.decode(byte.encode(text)) == text
+    # any id sequence, invalid UTF-8 and special ids included, decodes to the same text
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ids = rng.integers(0, byte.vocab_size, size=int(rng.integers(0, 12))).tolist()
+        assert hf.decode(ids, skip_special_tokens=True) == byte.decode(ids), ids
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_save_for_transformers_loads_with_auto_tokenizer(kind: str, bpe: HFTokenizer, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    tok = ByteTokenizer() if kind == "byte" else bpe
+    assert save_for_transformers(tok, tmp_path, model_max_length=128) == [
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert auto.model_max_length == 128 and len(auto) == tok.vocab_size
+    ids = tok.encode(UNSEEN)
+    assert auto(UNSEEN)["input_ids"] == ids  # no BOS/EOS added, as in training
+    assert auto.decode(ids) == UNSEEN == tok.decode(ids)
+    if kind == "bpe":  # the file itself is copied: loaded back, it is the same tokenizer
+        assert HFTokenizer(tmp_path / "tokenizer.json").fingerprint == bpe.fingerprint
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
