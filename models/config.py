@@ -78,8 +78,11 @@ class ModelConfig:
     # sdpa: the fused path (flex_attention on CUDA, SDPA + a chunked max logit elsewhere), no [S, S] per head;
     # eager: the full score matrix, the reference the tests compare against
     attn_impl: str = "sdpa"
+    # A checkpoint in the released layout (config.json + safetensors) whose weights a new run starts from
+    # (continued pretraining) instead of the random init; a resumed run takes its own checkpoint's weights.
+    init_from: str | None = None
 
-    TRAINING_ONLY = ("aux_loss_alpha", "bias_update_speed", "capacity_factor", "attn_impl")
+    TRAINING_ONLY = ("aux_loss_alpha", "bias_update_speed", "capacity_factor", "attn_impl", "init_from")
 
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:

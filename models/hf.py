@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.config import ModelConfig
+from models.init import canonical_name, shard_indices
 from models.transformer import Transformer
 
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
@@ -86,37 +87,6 @@ def to_hf_tensors(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.T
             yield key, t
         else:
             yield f"model.{key}", t
-
-
-def from_hf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict from released-layout tensors (per-expert tensors stacked back)."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _HF_EXPERT_KEY.match(key)
-        if m:
-            layer, j, proj = int(m.group(1)), int(m.group(2)), m.group(3)
-            experts.setdefault((layer, proj), {})[j] = t
-        elif key == "lm_head.weight":
-            out[key] = t
-        elif key.startswith("model.layers.") and int(key.split(".")[2]) >= cfg.num_hidden_layers:
-            continue  # multi-token-prediction layers of the released checkpoints: not part of this network
-        elif cfg.n_shared_experts == 0 and ".mlp.shared_experts." in key and t.numel() == 0:
-            # transformers builds a shared expert of width moe_intermediate_size * 0 even when there is none, and
-            # saves its zero-size tensors; Chogori has no module for it. Non-empty ones still fail the strict load.
-            continue
-        elif key.startswith("model."):
-            out[key.removeprefix("model.")] = t
-        else:
-            raise KeyError(f"unexpected tensor '{key}' in checkpoint")
-    for (layer, proj), per_expert in experts.items():
-        if layer >= cfg.num_hidden_layers:
-            continue
-        missing = set(range(cfg.n_routed_experts)) - per_expert.keys()
-        if missing:
-            raise KeyError(f"layer {layer} {proj}: experts {sorted(missing)[:8]} missing from checkpoint")
-        out[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack([per_expert[j] for j in range(len(per_expert))])
-    return out
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -193,27 +163,164 @@ def _read_json(path: Path) -> Any:
 
 
 def read_hf_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors checkpoint directory (sharded with an index, or a single file)."""
-    ckpt_dir = Path(ckpt_dir)
-    index = ckpt_dir / "model.safetensors.index.json"
-    if index.exists():
-        doc = _read_json(index)
-        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-        if not isinstance(weight_map, dict):
-            raise HFCheckpointError(f"{index}: no weight_map")
-        files = sorted(set(map(str, weight_map.values())))
-    else:
-        files = ["model.safetensors"]
-    tensors = {}
-    for fname in files:
-        path = ckpt_dir / fname
+    """All tensors of a safetensors checkpoint directory (sharded with an index, or a single file), by name."""
+    with _CheckpointFiles(ckpt_dir) as files:
+        return {name: files.slice(name)[:] for name in files.names()}
+
+
+def read_hf_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a released-layout checkpoint's config.json."""
+    path = Path(ckpt_dir) / "config.json"
+    try:
+        return from_hf_config(_read_json(path))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise HFCheckpointError(f"{path}: not a DeepSeek-V3 config ({e})") from None
+
+
+# Fields that may differ between a run's config and the checkpoint it starts from: training-only settings, the
+# initialiser's std (the weights come from the file), token ids (the tokenizer's business, not the weights').
+_START_FROM_FREE = {*ModelConfig.TRAINING_ONLY, "init_from", "initializer_range", "bos_token_id", "eos_token_id",
+                    "num_key_value_heads"}
+
+
+def check_hf_config(cfg: ModelConfig, ckpt_dir: str | os.PathLike) -> None:
+    """Raise HFCheckpointError, naming every differing field, if the checkpoint at `ckpt_dir` is not the network
+    `cfg` describes (a run that starts from it would load tensors of the wrong shape or meaning)."""
+    theirs = read_hf_config(ckpt_dir)
+    differ = [(f, getattr(cfg, f), getattr(theirs, f)) for f in ModelConfig.field_names()
+              if f not in _START_FROM_FREE and _normal(getattr(cfg, f)) != _normal(getattr(theirs, f))]
+    if differ:
+        lines = "; ".join(f"model.{f} is {a!r} here, {b!r} in the checkpoint" for f, a, b in differ)
+        raise HFCheckpointError(f"{Path(ckpt_dir) / 'config.json'}: the checkpoint is not this config's model: {lines}")
+
+
+def _normal(value: Any) -> Any:
+    """Comparable form of a config value: YaRN's 'rope_type' and 'type' are one key."""
+    if isinstance(value, dict):
+        return {("type" if k == "rope_type" else k): v for k, v in value.items()}
+    return value
+
+
+class _CheckpointFiles:
+    """The safetensors files of a checkpoint directory, each opened once, lazily: `slice(name)` reads nothing until
+    indexed, and then only the requested box (safetensors maps the file and copies just those bytes)."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike) -> None:
+        self.dir = Path(ckpt_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            doc = _read_json(index)
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict):
+                raise HFCheckpointError(f"{index}: no weight_map")
+            self._file_of = {str(k): str(v) for k, v in weight_map.items()}
+        else:
+            self._file_of = {name: "model.safetensors" for name in self._open("model.safetensors").keys()}
+        self._open_files: dict[str, Any] = {}
+
+    def _open(self, fname: str) -> Any:
+        path = self.dir / fname
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+            handle = safe_open(str(path), framework="pt")
+            handle.keys()
+            return handle
         except Exception as e:  # noqa: BLE001 - safetensors raises its own types; name the file
             raise HFCheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
-    return tensors
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def slice(self, name: str) -> Any:
+        fname = self._file_of[name]
+        if fname not in self._open_files:
+            self._open_files[fname] = self._open(fname)
+        try:
+            return self._open_files[fname].get_slice(name)
+        except Exception as e:  # noqa: BLE001
+            raise HFCheckpointError(f"{self.dir / fname}: tensor '{name}' listed in the index is not readable "
+                                    f"({type(e).__name__})") from None
+
+    def __enter__(self) -> _CheckpointFiles:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._open_files.clear()
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _hf_sources(name: str, cfg: ModelConfig) -> list[str]:
+    """The released-layout tensors our state-dict entry `name` is made of: one, or one per routed expert."""
+    m = _EXPERT_KEY.match(name)
+    if m:
+        layer, proj = m.groups()
+        return [f"model.layers.{layer}.mlp.experts.{j}.{proj}.weight" for j in range(cfg.n_routed_experts)]
+    return [name if name == "lm_head.weight" else f"model.{name}"]
+
+
+def _ignorable(name: str, cfg: ModelConfig, shape: list[int]) -> bool:
+    """Tensors of released checkpoints that are not part of this network: multi-token-prediction layers (index
+    >= num_hidden_layers), and the zero-size shared expert transformers saves when there is none."""
+    parts = name.split(".")
+    if name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= cfg.num_hidden_layers:
+        return True
+    return cfg.n_shared_experts == 0 and ".mlp.shared_experts." in name and 0 in shape
+
+
+def _read_box(tensor_slice: Any, index: list[torch.Tensor]) -> torch.Tensor:
+    """The entries at the per-dim global `index` of a lazily opened tensor, reading only their bounding box."""
+    lo = [int(i.min()) for i in index]
+    box = tensor_slice[tuple(slice(a, int(i.max()) + 1) for a, i in zip(lo, index, strict=True))]
+    for d, (a, i) in enumerate(zip(lo, index, strict=True)):
+        if box.shape[d] != i.numel() or not bool((i[1:] > i[:-1]).all()):  # strided or reordered shard
+            box = box.index_select(d, i - a)
+    return box
+
+
+@torch.no_grad()
+def load_hf_weights(model: Transformer, ckpt_dir: str | os.PathLike) -> None:
+    """Copy a released-layout checkpoint's weights into `model` in place, whatever its layout: plain, FSDP2- or
+    expert-sharded DTensors, or a pipeline rank's pruned model. Each rank reads only the slices it holds (the
+    bounding box of its shard of each tensor), so no process ever holds the full model; values are cast to the
+    parameters' dtype. Every tensor the model holds must be in the file with its released shape, and every
+    tensor of the file must belong to the network (`HFCheckpointError` names the first problems otherwise).
+    Local work only: no communication."""
+    cfg = model.cfg
+    with _CheckpointFiles(ckpt_dir) as files:
+        available = set(files.names())
+        with torch.device("meta"):
+            expected = {n for n, _ in to_hf_tensors(Transformer(cfg).state_dict())}
+        unexpected = sorted(n for n in available - expected if not _ignorable(n, cfg, files.slice(n).get_shape()))
+        if unexpected:
+            raise HFCheckpointError(f"{files.dir}: tensors that are not part of this model: {unexpected[:8]}")
+        for raw_name, tensor in model.state_dict(keep_vars=True).items():
+            name = canonical_name(raw_name)
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # the embedding's own tensor
+            sources = _hf_sources(name, cfg)
+            missing = [s for s in sources if s not in available]
+            if missing:
+                raise HFCheckpointError(f"{files.dir}: '{missing[0]}' is missing ({len(missing)} of the "
+                                        f"{len(sources)} tensor(s) of {name})")
+            if tensor.device.type == "meta":
+                raise ValueError(f"load_hf_weights: '{name}' is on the meta device; call to_empty() first")
+            local, index = shard_indices(tensor)
+            per_source = tuple(tensor.shape[1:]) if len(sources) > 1 else tuple(tensor.shape)
+            for s in sources:
+                if tuple(files.slice(s).get_shape()) != per_source:
+                    raise HFCheckpointError(f"{files.dir}: '{s}' has shape {files.slice(s).get_shape()}, the model "
+                                            f"needs {list(per_source)}")
+            if local.numel() == 0:
+                continue
+            if len(sources) == 1:
+                values = _read_box(files.slice(sources[0]), index)
+            else:  # a stacked expert tensor: this rank's experts, each its own tensor in the file
+                values = torch.stack([_read_box(files.slice(sources[j]), index[1:]) for j in index[0].tolist()])
+            local.copy_(values)
 
 
 def import_hf(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -221,27 +328,23 @@ def import_hf(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
     """Load a released-layout checkpoint into a Chogori `Transformer` (built on the meta device first,
     so no memory is spent on a throwaway random init). Each tensor is cast as `import_dtype` says: router
     weights and correction biases float32, the rest `dtype`, or with `dtype=None` their stored dtype."""
-    ckpt_dir = Path(ckpt_dir)
-    config = _read_json(ckpt_dir / "config.json")
-    try:
-        cfg = from_hf_config(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise HFCheckpointError(f"{ckpt_dir / 'config.json'}: not a DeepSeek-V3 config ({e})") from None
-    state = from_hf_tensors(read_hf_tensors(ckpt_dir), cfg)
+    cfg = read_hf_config(ckpt_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own new Parameter: tie them again
         model.lm_head.weight = model.embed_tokens.weight
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
     model.init_weights()  # buffers (rotary, stats); parameters are overwritten just below
-    # Each parameter takes the dtype `import_dtype` gives it before the strict load copies the file's values in.
-    # The buffers are left alone: the rotary frequencies, max-logit and load statistics stay float32 (a blanket
-    # `model.to(bf16)` would round them) and the correction bias, float32 too, takes the file's values.
-    for name, p in model.named_parameters():
-        stored = state[name].dtype if name in state else p.dtype  # a missing tensor fails the strict load below
-        p.data = p.data.to(import_dtype(name, stored, dtype))
-    model.load_state_dict(state, strict=True)
+    # Each parameter takes the dtype `import_dtype` gives it before its values are copied in. The buffers are left
+    # alone: the rotary frequencies, max-logit and load statistics stay float32 (a blanket `model.to(bf16)` would
+    # round them) and the correction bias, float32 too, takes the file's values.
+    with _CheckpointFiles(ckpt_dir) as files:
+        for name, p in model.named_parameters():
+            source = _hf_sources(name, cfg)[0]
+            stored = _SAFETENSORS_DTYPES.get(files.slice(source).get_dtype(), p.dtype) \
+                if source in files else p.dtype  # a missing tensor is reported by load_hf_weights
+            p.data = p.data.to(import_dtype(name, stored, dtype))
+    load_hf_weights(model, ckpt_dir)
     return model
 
 

@@ -61,8 +61,10 @@ def fill_(param: torch.Tensor, value: float) -> None:
     (param.to_local() if _is_dtensor(param) else param).fill_(value)
 
 
-def _shard_indices(param: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(local tensor, per dim the global indices of the local tensor's entries along that dim)."""
+def shard_indices(param: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(local tensor, per dim the global indices of the local tensor's entries along that dim): which part of
+    the global parameter this rank holds, for any layout `init_normal_` supports (also what `models.hf` reads
+    from a released checkpoint)."""
     shape = tuple(param.shape)
     if not _is_dtensor(param):
         return param, [torch.arange(n) for n in shape]
@@ -76,13 +78,8 @@ def _shard_indices(param: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor
         if isinstance(placement, Replicate):
             continue
         if isinstance(placement, Partial) or not isinstance(placement, Shard | _StridedShard):
-            raise ValueError(f"init_normal_: placement {placement} is not supported (only Replicate, "
+            raise ValueError(f"shard_indices: placement {placement} is not supported (only Replicate, "
                              "Shard and _StridedShard): a parameter cannot be initialised as partial sums")
-        if placement.dim % len(shape) == len(shape) - 1:
-            raise NotImplementedError(
-                f"init_normal_: sharding the last dim (placements {placements}, shape {list(shape)}) is not "
-                "supported: rows are generated whole, so every rank would draw the full parameter; shard a "
-                "leading dim instead")
         strided |= isinstance(placement, _StridedShard)
     coordinate = mesh.get_coordinate()
     if coordinate is None:  # this rank is not part of the mesh: it holds nothing
@@ -117,7 +114,7 @@ def _shard_indices(param: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor
         local_shape = tuple(i.numel() for i in index)
 
     if tuple(local.shape) != tuple(local_shape):
-        raise RuntimeError(f"init_normal_: local shard has shape {list(local.shape)} but placements "
+        raise RuntimeError(f"shard_indices: local shard has shape {list(local.shape)} but placements "
                            f"{placements} of {list(shape)} on mesh {mesh} give {list(local_shape)}")
     return local, index
 
@@ -137,7 +134,11 @@ def init_normal_(param: torch.Tensor, name: str, seed: int, std: float, block_ro
     for n in shape[:-1]:
         total_rows *= n
 
-    local, index = _shard_indices(param)
+    local, index = shard_indices(param)
+    if shape and local.numel() and index[-1].numel() < cols:
+        raise NotImplementedError(
+            f"init_normal_: '{name}' is sharded along its last dim (shape {list(shape)}, local {list(local.shape)}): "
+            "rows are generated whole, so every rank would draw the full parameter; shard a leading dim instead")
     # Global row of each local row, in the local tensor's row-major order.
     rows = torch.zeros(1, dtype=torch.long)
     for n, idx in zip(shape[:-1], index[:-1], strict=True):

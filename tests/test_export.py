@@ -25,8 +25,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from data.tokenizer import ByteTokenizer, train_bpe
 from models import ModelConfig, Transformer
-from models.hf import from_hf_tensors, read_hf_tensors
-from tools.export import main, read_model_config, resolve_checkpoint
+from models.hf import import_hf, read_hf_tensors
+from tools.export import main, resolve_checkpoint
 from train.config import load_config
 from train.trainer import Trainer
 
@@ -74,7 +74,7 @@ def full_model_tensors(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
 
 def exported_tensors(out: Path, ckpt: Path) -> dict[str, torch.Tensor]:
-    return from_hf_tensors(read_hf_tensors(out), read_model_config(ckpt))
+    return import_hf(out).state_dict()  # the stored dtypes (fp32 exports here)
 
 
 # --- fixtures: real training runs -----------------------------------------------------------------

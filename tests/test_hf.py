@@ -14,13 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import models.hf as hf_mod
 from models import ModelConfig, Transformer
 from models.hf import (
+    HFCheckpointError,
+    check_hf_config,
     export_hf,
     from_hf_config,
-    from_hf_tensors,
     import_hf,
     read_hf_tensors,
     to_hf_config,
@@ -478,7 +480,14 @@ def test_export_replaces_existing_directory(tmp_path, monkeypatch):
 
 
 # ========================================================================================= conversions
-def test_from_hf_tensors_skips_mtp_layers_and_checks_experts():
+def _write_hf_dir(path, cfg, tensors):
+    path.mkdir()
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(to_hf_config(cfg)))
+    return path
+
+
+def test_import_skips_mtp_layers_and_checks_tensors(tmp_path):
     cfg = make_config(CASES[3][1])
     ours = make_ours(cfg, seed=15)
     tensors = dict(to_hf_tensors(ours.state_dict()))
@@ -487,16 +496,29 @@ def test_from_hf_tensors_skips_mtp_layers_and_checks_experts():
     mtp = cfg.num_hidden_layers
     extra[f"model.layers.{mtp}.eh_proj.weight"] = torch.zeros(4, 4)
     extra[f"model.layers.{mtp}.mlp.experts.0.gate_proj.weight"] = torch.zeros(4, 4)
-    state = from_hf_tensors(extra, cfg)
-    assert state.keys() == ours.state_dict().keys()
+    back = import_hf(_write_hf_dir(tmp_path / "mtp", cfg, extra))
+    assert back.state_dict().keys() == ours.state_dict().keys()
     for k, v in ours.state_dict().items():
-        assert torch.equal(state[k], v), k
+        assert torch.equal(back.state_dict()[k], v), k
 
     missing = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.experts.5.up_proj.weight"}
-    with pytest.raises(KeyError, match="experts \\[5\\] missing"):
-        from_hf_tensors(missing, cfg)
-    with pytest.raises(KeyError, match="unexpected tensor"):
-        from_hf_tensors({**tensors, "something.else": torch.zeros(1)}, cfg)
+    with pytest.raises(HFCheckpointError, match="experts.5.up_proj.weight' is missing"):
+        import_hf(_write_hf_dir(tmp_path / "missing", cfg, missing))
+    with pytest.raises(HFCheckpointError, match="not part of this model: \\['something.else'\\]"):
+        import_hf(_write_hf_dir(tmp_path / "unexpected", cfg, {**tensors, "something.else": torch.zeros(1)}))
+    wrong = {**tensors, "model.norm.weight": torch.zeros(cfg.hidden_size + 1)}
+    with pytest.raises(HFCheckpointError, match="'model.norm.weight' has shape \\[" + str(cfg.hidden_size + 1)):
+        import_hf(_write_hf_dir(tmp_path / "shape", cfg, wrong))
+
+
+def test_check_hf_config_names_every_difference(tmp_path):
+    cfg = make_config(CASES[3][1])
+    export_hf(make_ours(cfg, seed=1), tmp_path / "hf", dtype=torch.float32)
+    check_hf_config(cfg.replace(bos_token_id=1, aux_loss_alpha=0.5, init_from="x"), tmp_path / "hf")  # free fields
+    other = cfg.replace(hidden_size=cfg.hidden_size * 2, rope_theta=cfg.rope_theta + 1)
+    with pytest.raises(HFCheckpointError, match="model.hidden_size is .*model.rope_theta is") as err:
+        check_hf_config(other, tmp_path / "hf")
+    assert "config.json" in str(err.value)
 
 
 def test_from_hf_config_released_style():

@@ -88,7 +88,7 @@ def test_any_row_subset_in_any_order(monkeypatch: pytest.MonkeyPatch) -> None:
     full = reference([10, 3, 4], "p", block_rows=4)
     dim0, dim1 = torch.tensor([7, 2, 3, 9]), torch.tensor([2, 0])
     local = torch.empty(4, 2, 4, dtype=torch.float64)  # also a dtype other than the generated float32
-    monkeypatch.setattr(init, "_shard_indices", lambda t: (local, [dim0, dim1, torch.arange(4)]))
+    monkeypatch.setattr(init, "shard_indices", lambda t: (local, [dim0, dim1, torch.arange(4)]))
     init_normal_(torch.empty(10, 3, 4), "p", SEED, STD, block_rows=4)  # the global tensor's stand-in
     assert torch.equal(local, full[dim0][:, dim1].double())
 

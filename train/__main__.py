@@ -19,11 +19,12 @@ if __name__ == "__main__":  # before the imports below (seconds of torch): a sig
 
 from data.shards import DataError, ShardError
 from models.config import ConfigError
+from models.hf import HFCheckpointError
 from parallel.mesh import ignored_in_one_process
 from train.checkpoint import CheckpointError
 from train.config import load_config, validate_layout
 
-BAD_INPUT = (ConfigError, DataError, ShardError, CheckpointError)
+BAD_INPUT = (ConfigError, DataError, ShardError, CheckpointError, HFCheckpointError)
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 

@@ -21,7 +21,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from data.loader import build_loaders, document_positions, eval_batches
 from models import Transformer
+from models.config import ConfigError
 from models.flops import flops_per_token
+from models.hf import check_hf_config, load_hf_weights
 from optim import build_lr_scheduler, build_optimizer, describe_groups, split_params
 from parallel import (
     PipelinePlan,
@@ -129,6 +131,16 @@ class Trainer:
         self.dp_rank, self.dp_world = (dp.get_local_rank(), dp.size()) if dp is not None else (0, 1)
         self.accum_steps = t.global_batch_size // self.dp_world // t.micro_batch_size
 
+        self._notes: list[str] = []  # start-up messages, shown once the metrics logger exists
+        resume = find_resume(cfg.checkpoint.resume, self.out_dir, notify=self._notes.append)
+        # A new run may start from a released-layout checkpoint; its config is checked before anything is built.
+        init_from = cfg.model.init_from if resume is None else None
+        if init_from:
+            if not (Path(init_from) / "config.json").is_file():
+                raise ConfigError(f"model.init_from: {init_from} is not a checkpoint in the released layout (no "
+                                  "config.json there); give the directory `python -m tools.export` wrote")
+            check_hf_config(cfg.model, init_from)
+
         self.pipeline = None
         if self.dims.pp > 1:
             p = cfg.parallel
@@ -136,6 +148,9 @@ class Trainer:
                                           p.pp_virtual_stages, self.mesh["pp"].get_local_rank())
         self.model, self.stages = build_model(cfg, self.device, self.mesh, param_dtype=self.compute_dtype,
                                               pipeline=self.pipeline)
+        if init_from:  # each rank reads only the slices of the tensors it holds
+            load_hf_weights(self.model, init_from)
+            self._notes.append(f"init_from: weights from {init_from}")
         self._pp_group = self.mesh["pp"].get_group() if self.pipeline is not None else None
         if self.stages is not None:
             self._pp_microbatches = pipeline_microbatches(cfg, self.dims)
@@ -158,8 +173,6 @@ class Trainer:
         self.tokens_seen = 0
         self.nonfinite_steps = 0  # skipped updates
         self.spikes = SpikeDetector(**dataclasses.asdict(cfg.logging.spike))
-        self._notes: list[str] = []  # start-up messages, shown once the metrics logger exists
-        resume = find_resume(cfg.checkpoint.resume, self.out_dir, notify=self._notes.append)
         if resume is not None:
             # Config first (refuses what cannot continue, lists what changed), then state only: the model's and
             # optimizer's tensors, data position, counters, RNG. Hyperparameters stay this config's.
