@@ -5,7 +5,8 @@ What sample ``g`` is (windows over packed shards, shuffled on the fly, mixed by 
 data-parallel rank ``r`` of ``W`` reads only its contiguous slice of ``G // W`` of them through memory maps.
 The order therefore does not depend on the world size, and resuming needs only the number of samples
 consumed. `build_loaders` turns a `data:` config section (the built-in corpus, a directory written by
-`python -m data.prepare`, or a weighted mixture of them) into the train loader and the validation set.
+`python -m data.prepare`, or a weighted mixture of them; or a `datasets` stream, data/streaming.py) into the
+train loader and the validation set.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class TokenBatchLoader:
         return {"samples_consumed": self.samples_consumed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "stream" in state:  # a streamed run's position names no sample of these shards
+            raise DataError("data.source: the checkpoint's data position is one of a data.stream source, not of "
+                            "prepared shards; resume with the data config it was trained with")
         consumed = int(state["samples_consumed"])
         if consumed < 0:
             raise ValueError(f"samples_consumed must be >= 0, got {consumed}")
@@ -193,7 +197,15 @@ def build_loaders(
     lives (null: default); `prefetch` — batches read ahead (default 2). Every source must use one tokenizer.
     `vocab_size` (the model's; None: no check) must cover the tokenizer, and every batch read is checked to
     hold only ids below it (`TokenIdError` names the shard file and offset). Every rank may call this at once.
+    `stream` — a `datasets` source streamed and tokenized on the fly instead (data/streaming.py).
     """
+    stream = _cfg_get(data_cfg, "stream", None)
+    if _cfg_get(stream, "path", None):
+        from data.streaming import build_stream_loaders
+
+        return build_stream_loaders(stream, seq_len, global_batch_size, seed, dp_rank=dp_rank,  # type: ignore[return-value]
+                                    dp_world=dp_world, vocab_size=vocab_size,
+                                    prefetch=int(_cfg_get(data_cfg, "prefetch", 2)))
     cache_dir = _cfg_get(data_cfg, "cache_dir", None)
     prefetch = int(_cfg_get(data_cfg, "prefetch", 2))
     sources = _sources(data_cfg)

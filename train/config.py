@@ -35,6 +35,23 @@ class DataSourceConfig:
 
 
 @dataclass
+class StreamConfig:
+    """A `datasets` source streamed and tokenized during training, instead of prepared shards (data/streaming.py)."""
+
+    path: str | None = None  # hub name, builder (json/parquet/text/arrow) or local dir (save_to_disk too); null = off
+    name: str | None = None  # the dataset's configuration name
+    data_files: Any = None  # for builders: a glob, a list of them, or {split: globs}
+    split: str = "train"  # the training split
+    text_field: str = "text"
+    tokenizer: str = "byte"  # 'byte' or a tokenizer.json
+    val_split: str | None = "validation"  # evaluated split; if the source lacks it, documents are held out instead
+    val_docs: int = 500  # validation documents kept in memory (of val_split, or held out of split)
+    val_fraction: float = 0.05  # without val_split: share of documents held out by a hash of their text; 0 = none
+    shuffle_buffer: int = 0  # documents shuffled within a buffer of this many; 0 = stream order
+    workers: int = 1  # tokenizing threads per rank, each reading its own share of the rank's stream
+
+
+@dataclass
 class DataConfig:
     source: str = "builtin"  # "builtin" (stdlib corpus, built on first use) or a prepared shard directory
     sources: list[DataSourceConfig] = field(default_factory=list)  # weighted mixture; replaces `source`
@@ -42,6 +59,7 @@ class DataConfig:
     seq_len: int = 256
     prefetch: int = 2  # batches read ahead by the loader's background thread
     document_masking: bool = False  # attend only within each packed document (positions restart per document)
+    stream: StreamConfig = field(default_factory=StreamConfig)  # train from a datasets stream (no prepare step)
 
 
 @dataclass
@@ -106,6 +124,9 @@ class TrainConfig:
     # Micro-batches per pipeline run (parallel.pp > 1); -1 = all of the step's (one run per step). A smaller
     # number that divides them runs the pipeline several times per step, accumulating gradients (more bubble).
     pp_microbatches: int = -1
+    # Steps to trace with torch.profiler, e.g. [10, 11, 12] (contiguous): a Chrome/Perfetto trace, an op table and,
+    # on CUDA, a memory snapshot per rank in <out_dir>/profile/ (docs/profiling.md). Empty: no profiling.
+    profile: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -281,6 +302,17 @@ def validate(cfg: ExperimentConfig) -> None:
     for i, src in enumerate(d.sources):
         need(bool(src.path), f"data.sources[{i}].path", "must be 'builtin' or a prepared directory")
         positive(f"data.sources[{i}].weight", src.weight)
+    if d.stream.path is not None:
+        s = d.stream
+        need(bool(s.path), "data.stream.path", "must be a datasets name, builder or directory, or null (off)")
+        need(d.source == "builtin" and not d.sources, "data.stream.path",
+             "a stream replaces data.source / data.sources; set one of them, not both")
+        need(not t.sample_log, "train.sample_log", "a stream has no global sample index to log; set it false "
+                                                   "(or train from prepared shards)")
+        at_least("data.stream.val_docs", s.val_docs, 1)
+        fraction("data.stream.val_fraction", s.val_fraction, below_one=True)
+        at_least("data.stream.shuffle_buffer", s.shuffle_buffer, 0, " (0 = stream order)")
+        at_least("data.stream.workers", s.workers, 1)
     # optim
     one_of("optim.name", o.name.lower(), registered_optimizers())
     positive("optim.lr", o.lr)
@@ -324,6 +356,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(cfg.parallel.pp_virtual_stages == -1 or cfg.parallel.pp_virtual_stages >= 1, "parallel.pp_virtual_stages",
          f"must be -1 (the schedule's default) or >= 1, got {cfg.parallel.pp_virtual_stages}")
     one_of("parallel.reshard_after_forward", str(cfg.parallel.reshard_after_forward).lower(), ("auto", "true", "false"))
+    profile = list(t.profile)
+    need(not profile or (profile[0] >= 1 and profile == list(range(profile[0], profile[0] + len(profile)))),
+         "train.profile", f"must list consecutive steps >= 1 in order (e.g. [10, 11, 12]), got {profile}")
     need(t.pp_microbatches == -1 or t.pp_microbatches >= 1, "train.pp_microbatches",
          f"must be -1 (all of the step's micro-batches) or >= 1, got {t.pp_microbatches}")
     need(not (cfg.parallel.pp > 1 and cfg.model.tie_word_embeddings), "parallel.pp",
