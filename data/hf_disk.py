@@ -84,14 +84,6 @@ def directory_files(path: str | os.PathLike[str], split: str = "train") -> list[
     return _split_files(root, split)
 
 
-def split_names(path: str | os.PathLike[str]) -> list[str] | None:
-    """The splits of a save_to_disk DatasetDict directory; None for any other directory (one dataset)."""
-    p = Path(path) / "dataset_dict.json"
-    if not p.is_file():
-        return None
-    return list(json.loads(p.read_text(encoding="utf-8"))["splits"])
-
-
 # ----------------------------------------------------------------------------------------------- Arrow IPC
 
 

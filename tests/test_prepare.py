@@ -310,7 +310,10 @@ def test_save_to_disk_directories_are_read_in_record_batch_units(tmp_path: Path,
     assert prepare(out, inputs=[str(single)], workers=0, unit_mb=2000 / 2**20, progress=False)["splits"] == \
         manifest["splits"]  # a rerun finds the plan unchanged and the dataset complete
     # A DatasetDict: the split is chosen (the CLI's --hf-split); --hf-dataset DIR reads the same files.
-    prepare(tmp_path / "dd", inputs=[str(dd)], split="validation", workers=0, progress=False)
+    from data.prepare import main
+
+    assert main(["--input", str(dd), "--hf-split", "validation", "--out", str(tmp_path / "dd"), "--workers", "0",
+                 "--quiet"]) == 0
     assert _all_docs(tmp_path / "dd") == Counter(texts)
     prepare(tmp_path / "hf", hf_dataset={"path": str(dd), "split": "train"}, workers=0, progress=False)
     assert _all_docs(tmp_path / "hf") == Counter(texts[:10])

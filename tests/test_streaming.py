@@ -150,7 +150,6 @@ def test_build_loaders_validation_split_or_held_out_documents(sources: dict[str,
         list(eval_batches(val, BATCH))
 
 
-@pytest.mark.slow  # three trainer start-ups: ~15 s on an idle 2-core machine, far more on a shared one
 def test_training_from_a_stream_runs_and_resumes_exactly(sources: dict[str, object], tmp_path: Path) -> None:
     """The trainer, unchanged, on a streamed source: finite losses; a checkpoint-and-resume repeats them."""
     from train.checkpoint import list_checkpoints
@@ -161,7 +160,8 @@ def test_training_from_a_stream_runs_and_resumes_exactly(sources: dict[str, obje
         return [f"train.out_dir={out}", "data.stream.path=json", f"data.stream.data_files=[{sources['jsonl']}]",
                 "data.stream.val_fraction=0.2", "data.seq_len=16", "train.global_batch_size=4",
                 "train.micro_batch_size=2", "train.eval_interval=2", "train.eval_batches=1", "train.steps=4",
-                "logging.progress=false", "optim.warmup_steps=1", "checkpoint.keep_last=5", "train.threads=1"]
+                "logging.progress=false", "optim.warmup_steps=1", "checkpoint.keep_last=5",
+                "train.threads=1"]  # one thread: a few seconds; torch's OpenMP threads crawl on a loaded machine
 
     def losses(out: Path) -> dict[int, float]:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
