@@ -295,6 +295,9 @@ def load_hf_weights(model: Transformer, ckpt_dir: str | os.PathLike) -> None:
         with torch.device("meta"):
             expected = {n for n, _ in to_hf_tensors(Transformer(cfg).state_dict())}
         unexpected = sorted(n for n in available - expected if not _ignorable(n, cfg, files.slice(n).get_shape()))
+        if any(n.endswith("_scale_inv") for n in unexpected):  # DeepSeek-V3's / Kimi K2's FP8 release
+            raise HFCheckpointError(f"{files.dir}: FP8-quantized weights (block scales such as '{unexpected[0]}'); "
+                                    "dequantize them to bf16 first, as the releases' own conversion scripts do")
         if unexpected:
             raise HFCheckpointError(f"{files.dir}: tensors that are not part of this model: {unexpected[:8]}")
         for raw_name, tensor in model.state_dict(keep_vars=True).items():

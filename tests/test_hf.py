@@ -506,6 +506,9 @@ def test_import_skips_mtp_layers_and_checks_tensors(tmp_path):
         import_hf(_write_hf_dir(tmp_path / "missing", cfg, missing))
     with pytest.raises(HFCheckpointError, match="not part of this model: \\['something.else'\\]"):
         import_hf(_write_hf_dir(tmp_path / "unexpected", cfg, {**tensors, "something.else": torch.zeros(1)}))
+    fp8 = {**tensors, "model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv": torch.ones(1, 1)}
+    with pytest.raises(HFCheckpointError, match="FP8-quantized weights .* dequantize them to bf16 first"):
+        import_hf(_write_hf_dir(tmp_path / "fp8", cfg, fp8))
     wrong = {**tensors, "model.norm.weight": torch.zeros(cfg.hidden_size + 1)}
     with pytest.raises(HFCheckpointError, match="'model.norm.weight' has shape \\[" + str(cfg.hidden_size + 1)):
         import_hf(_write_hf_dir(tmp_path / "shape", cfg, wrong))

@@ -124,6 +124,9 @@ class TrainConfig:
     # Micro-batches per pipeline run (parallel.pp > 1); -1 = all of the step's (one run per step). A smaller
     # number that divides them runs the pipeline several times per step, accumulating gradients (more bubble).
     pp_microbatches: int = -1
+    # Steps to trace with torch.profiler, e.g. [10, 11, 12] (contiguous): a Chrome/Perfetto trace, an op table and,
+    # on CUDA, a memory snapshot per rank in <out_dir>/profile/ (docs/profiling.md). Empty: no profiling.
+    profile: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -353,6 +356,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(cfg.parallel.pp_virtual_stages == -1 or cfg.parallel.pp_virtual_stages >= 1, "parallel.pp_virtual_stages",
          f"must be -1 (the schedule's default) or >= 1, got {cfg.parallel.pp_virtual_stages}")
     one_of("parallel.reshard_after_forward", str(cfg.parallel.reshard_after_forward).lower(), ("auto", "true", "false"))
+    profile = list(t.profile)
+    need(not profile or (profile[0] >= 1 and profile == list(range(profile[0], profile[0] + len(profile)))),
+         "train.profile", f"must list consecutive steps >= 1 in order (e.g. [10, 11, 12]), got {profile}")
     need(t.pp_microbatches == -1 or t.pp_microbatches >= 1, "train.pp_microbatches",
          f"must be -1 (all of the step's micro-batches) or >= 1, got {t.pp_microbatches}")
     need(not (cfg.parallel.pp > 1 and cfg.model.tie_word_embeddings), "parallel.pp",

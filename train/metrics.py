@@ -7,10 +7,10 @@ restarted. wandb mirrors it for dashboards and runs `offline` with no account.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -55,6 +55,36 @@ def format_step_line(rec: dict[str, Any], total_steps: int) -> str:
     return " | ".join(parts)
 
 
+def format_duration(seconds: float) -> str:
+    """h:mm:ss (days spelled out past 24 h: a 15T-token run lasts weeks)."""
+    days, rest = divmod(int(max(seconds, 0)), 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{h}:{m:02d}:{sec:02d}"
+
+
+class RunClock:
+    """Wall-clock time since this process's first step began, and the time left at the recent pace. The pace
+    leaves out the first step (compilation, warm-up) and includes everything between steps (evaluation,
+    checkpoints), so the ETA is when the run will actually end."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self._start: float | None = None  # when the first step of this process began
+        self._after_first: tuple[int, float] | None = None  # (step, time) once the first step is done
+
+    def tick(self, step: int, step_time_s: float, now: float) -> tuple[float, float | None]:
+        """(elapsed seconds, seconds left or None until the pace is known) after `step` finished at `now`."""
+        if self._start is None:
+            self._start = now - step_time_s
+        if self._after_first is None:
+            self._after_first = (step, now)
+            return now - self._start, None
+        first_step, first_time = self._after_first
+        pace = (now - first_time) / max(step - first_step, 1)
+        return now - self._start, pace * (self.total_steps - step)
+
+
 class MetricsLogger:
     """`resumed_step`: the step this run continues from (0: a fresh start). Records of later steps, from an
     earlier attempt in the same `out_dir`, are dropped: this run logs them again."""
@@ -62,6 +92,10 @@ class MetricsLogger:
     def __init__(self, cfg: ExperimentConfig, out_dir: Path, *, rank: int = 0, resumed_step: int = 0) -> None:
         self.enabled = rank == 0
         self.total_steps = cfg.train.steps
+        # Where lines go: stdout, flushed (logs are tailed through pipes); the trainer's progress bar swaps in its
+        # own `write`, which prints above the bar.
+        self.printer: Any = functools.partial(print, flush=True)
+        self._clock = RunClock(self.total_steps)
         self._wandb = None
         self._tb: Any = None
         self._file = None
@@ -85,7 +119,8 @@ class MetricsLogger:
     def log(self, rec: dict[str, Any], *, echo: bool = True) -> None:
         if not self.enabled:
             return
-        rec = {**rec, "time": round(time.time(), 3)}
+        now = time.time()
+        rec = {**rec, "time": round(now, 3)}
         assert self._file is not None
         self._file.write(json.dumps(_jsonable(rec), allow_nan=False) + "\n")
         scalars = {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
@@ -94,16 +129,21 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, global_step=rec["step"])
+        timing = ""
+        if rec.get("split") != "val" and "step_time_s" in rec:
+            elapsed, left = self._clock.tick(rec["step"], rec["step_time_s"], now)
+            timing = f" | {format_duration(elapsed)} elapsed, eta {'-' if left is None else format_duration(left)}"
         if echo:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             if rec.get("split") == "val":
                 line = f"eval step {rec['step']} | val loss {rec['val_loss']:.4f} | val ppl {rec['val_ppl']:.2f}"
             else:
-                line = format_step_line(rec, self.total_steps)
-            print(line, flush=True)
+                line = format_step_line(rec, self.total_steps) + timing
+            self.printer(f"{stamp} {line}")
 
     def event(self, message: str) -> None:
         if self.enabled:
-            print(message, file=sys.stdout, flush=True)
+            self.printer(message)
 
     def close(self) -> None:
         if self._file is not None:

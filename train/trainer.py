@@ -41,6 +41,7 @@ from parallel.pipeline import LMLoss, build_schedule, forward_only, gather_stage
 from train.checkpoint import Checkpointer, find_resume, list_checkpoints, load_checkpoint, read_train_state
 from train.config import ExperimentConfig, pipeline_microbatches, to_yaml, validate_layout
 from train.metrics import MetricsLogger, detect_peak_tflops, peak_memory_gb
+from train.profiling import StepProfiler, region
 from train.resume import check_resume
 from train.signals import stop_signals
 from train.spikes import SpikeDetector
@@ -261,44 +262,48 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         mb = cfg.train.micro_batch_size
         sync_each = cfg.parallel.grad_sync == "micro_batch"
-        if self.stages is not None:  # the schedule runs the micro-batches; torch's stages sync FSDP once per run
-            lm_sum, aux_sum, _ = self._run_pipeline(inputs, targets)
-        for i in range(self.accum_steps if self.stages is None else 0):
-            if self.mesh is not None:  # FSDP2: reduce-scatter after the last micro-batch only (unless asked for each)
-                model.set_requires_gradient_sync(sync_each or i == self.accum_steps - 1)
-            lm, aux = self._loss(inputs[i * mb:(i + 1) * mb], targets[i * mb:(i + 1) * mb])
-            ((lm + aux) / self.accum_steps).backward()
-            lm_sum += lm.detach()
-            aux_sum += aux.detach()
+        with region("forward_backward"):
+            if self.stages is not None:  # the schedule runs the micro-batches; torch's stages sync FSDP once per run
+                lm_sum, aux_sum, _ = self._run_pipeline(inputs, targets)
+            for i in range(self.accum_steps if self.stages is None else 0):
+                if self.mesh is not None:  # FSDP2: reduce-scatter after the last micro-batch only (unless asked)
+                    model.set_requires_gradient_sync(sync_each or i == self.accum_steps - 1)
+                lm, aux = self._loss(inputs[i * mb:(i + 1) * mb], targets[i * mb:(i + 1) * mb])
+                ((lm + aux) / self.accum_steps).backward()
+                lm_sum += lm.detach()
+                aux_sum += aux.detach()
 
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(model.parameters(), clip)  # global norm over all ranks' shards, all stages
+        with region("clip_grad_norm"):
+            grad_norm = clip_grad_norm_(model.parameters(), clip)  # global norm over all ranks' shards, all stages
         lr = self.optimizer.param_groups[0]["lr"]
         # All of the step's statistics in one bucket per reduction op, over the ranks that see other tokens for
         # the same weights: losses (weighted by tokens), expert loads and drops summed; max logits and the stop
         # flag maxed. The model takes the global values back for the post-step hooks.
-        stats = model.stats_buckets()
-        # Under a pipeline the LM loss (and its token count) comes from the last stage only; every stage adds
-        # the balance loss of its layers. The stages' totals are then added up over the pipeline ranks.
-        lm_here = self.stages is None or any(s.is_last for s in self.stages)
-        ntok = torch.tensor(float(targets.numel()), device=self.device)
-        losses = torch.stack([lm_sum / self.accum_steps * ntok * lm_here, aux_sum / self.accum_steps * ntok,
-                              ntok * lm_here])
-        summed = all_reduce_sum(torch.cat([stats.sum, losses.double()]), self._stats_group)
-        stop = torch.tensor([0.0 if stop_signals.received is None else 1.0], device=self.device)
-        maxed = all_reduce_max(torch.cat([stats.max, stop]), self._stats_group)
-        stats.sum, stats.max = summed[:-3], maxed[:-1]
-        model.load_stats(stats)
-        totals = torch.cat([summed[-3:], maxed[-1:].double()])
-        if self._pp_group is not None:
-            totals = all_reduce_sum(totals, self._pp_group)
-        lm_loss, aux_loss = totals[0] / totals[2], totals[1] / totals[2]
-        loss = lm_loss + aux_loss  # what the gradients are of
-        # Every rank has the same global loss and norm, so all of them take the same branch (sync 1 of 2).
-        finite, self._stop_seen = (torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm),
-                                                totals[3] > 0]).tolist())
+        with region("stats_reduce"):  # the step's statistics and losses over the ranks, and the host syncs
+            stats = model.stats_buckets()
+            # Under a pipeline the LM loss (and its token count) comes from the last stage only; every stage adds
+            # the balance loss of its layers. The stages' totals are then added up over the pipeline ranks.
+            lm_here = self.stages is None or any(s.is_last for s in self.stages)
+            ntok = torch.tensor(float(targets.numel()), device=self.device)
+            losses = torch.stack([lm_sum / self.accum_steps * ntok * lm_here, aux_sum / self.accum_steps * ntok,
+                                  ntok * lm_here])
+            summed = all_reduce_sum(torch.cat([stats.sum, losses.double()]), self._stats_group)
+            stop = torch.tensor([0.0 if stop_signals.received is None else 1.0], device=self.device)
+            maxed = all_reduce_max(torch.cat([stats.max, stop]), self._stats_group)
+            stats.sum, stats.max = summed[:-3], maxed[:-1]
+            model.load_stats(stats)
+            totals = torch.cat([summed[-3:], maxed[-1:].double()])
+            if self._pp_group is not None:
+                totals = all_reduce_sum(totals, self._pp_group)
+            lm_loss, aux_loss = totals[0] / totals[2], totals[1] / totals[2]
+            loss = lm_loss + aux_loss  # what the gradients are of
+            # Every rank has the same global loss and norm, so all of them take the same branch (sync 1 of 2).
+            finite, self._stop_seen = (torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm),
+                                                    totals[3] > 0]).tolist())
         if finite:
-            self.optimizer.step()  # then its post-step hooks: router-bias update, QK-Clip (train/step_hooks.py)
+            with region("optimizer_step"):
+                self.optimizer.step()  # then its post-step hooks: router-bias update, QK-Clip (train/step_hooks.py)
             self._bad_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # the schedule follows the step count, skipped or not
@@ -435,13 +440,20 @@ class Trainer:
             self.metrics.event(f"resumed from {self.resumed_from} at step {self.step}")
 
         bar = _progress(t.steps, self.step, enabled=cfg.logging.progress and self.rank == 0)
+        # Log lines go through the bar (cleared, printed, redrawn), so the two never share a terminal line.
+        plain_printer = self.metrics.printer
+        if bar is not None:
+            self.metrics.printer = bar.write
+        profiler = StepProfiler(t.profile, self.out_dir, self.rank, self.device)
         last: dict[str, Any] = {}
         first_loss = None
         first_step = self.step + 1
         stopped_by = self._stopped_by(trained=False) if self.step < t.steps else None  # a signal during start-up
         try:
             while self.step < t.steps and stopped_by is None:
+                profiler.before_step(self.step + 1)
                 rec = self.train_step()
+                profiler.after_step(self.step)
                 if first_loss is None and cfg.train.compile:  # once: the first step includes compiling the blocks
                     self.metrics.event(f"torch.compile: step {rec['step']} took {rec['step_time_s']:.1f} s "
                                        "(compiling the transformer blocks)")
@@ -461,8 +473,13 @@ class Trainer:
                     self.save()
         finally:
             stop_signals.restore()
+            profiler.close()  # a run stopped inside the traced steps still writes what it recorded
+        if profiler.written:
+            self.metrics.event(f"profile: steps {profiler.first}-{profiler.last} traced into {profiler.dir} "
+                               "(docs/profiling.md)")
         if bar is not None:
             bar.close()
+            self.metrics.printer = plain_printer
         if (ck.save_final or stopped_by) and last:
             self.save(wait=True)
         else:
