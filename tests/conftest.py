@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models import ModelConfig
+from tests.dist_harness import FourRankRun, four_rank_overrides, torchrun
 
 # A DeepSeek-V3-shaped network small enough for CPU tests: MLA with q_lora, 1 dense + 2 MoE layers,
 # 8 routed experts (2 per token), 1 shared expert.
@@ -54,3 +55,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     code = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)"
     subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      preexec_fn=lambda: os.nice(19) if hasattr(os, "nice") else None)  # noqa: PLW1509
+
+
+@pytest.fixture(scope="session")
+def four_rank_run(tmp_path_factory: pytest.TempPathFactory) -> FourRankRun:
+    """One real `torchrun --nproc-per-node 4` run of the trainer with expert parallelism (tests/dist_harness.py
+    `four_rank_overrides`), shared by the tests that check what such a run produces (its losses against one
+    process, exact resume, resharding, export): on 2 cores each 4-process launch costs half a minute."""
+    root = tmp_path_factory.mktemp("four-rank")
+    out, cache = root / "run", str(root / "cache")
+    done = torchrun(4, four_rank_overrides(out, cache, **{"parallel.ep": 2, "checkpoint.interval": 4,
+                                                         "checkpoint.keep_last": 3, "checkpoint.async_save": "true"}))
+    return FourRankRun(out=out, cache_dir=cache, stdout=done.stdout)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -106,3 +108,45 @@ def reporting_rank(rank: int, world: int, port: int, out: str) -> Iterator[dict]
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# --- torchrun worlds of the real trainer ----------------------------------------------------------------------
+TINY = ROOT / "configs" / "tiny.yaml"
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with torchrun's shared rendezvous store, restarted ranks can read the dead
+# ranks' gloo addresses from the first attempt (pytorch/pytorch#135712); `python -m launch` sets it too.
+TORCHRUN_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def torchrun(nproc: int, args: list[str], restarts: int = 0, background: bool = False,
+             ) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node nproc -m train --config configs/tiny.yaml *args`: finished (asserting exit code
+    0), or started in the background (stdout and stderr piped)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "--max-restarts", str(restarts), "-m", "train", "--config", str(TINY), *args]
+    if background:
+        return subprocess.Popen(cmd, cwd=ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+# The 4-rank run several test files check (tests/conftest.py `four_rank_run`): tiny, experts over ep=2, FSDP2
+# over the 4 data-parallel ranks, 8 steps, evaluation and checkpoints every 4 (written asynchronously).
+FOUR_RANK_STEPS = 8
+
+
+@dataclasses.dataclass
+class FourRankRun:
+    out: Path  # the run directory: metrics.jsonl, checkpoints/step-4 and step-8
+    cache_dir: str  # the built-in corpus it read
+    stdout: str  # torchrun's console output (rank 0 logs)
+
+
+def four_rank_overrides(out_dir: Path | str, cache_dir: Path | str, **extra: object) -> list[str]:
+    """The shared 4-rank run's config (`extra` overrides it): a single-process run with these is its reference."""
+    base = {"train.out_dir": out_dir, "data.cache_dir": cache_dir, "data.seq_len": 64, "train.global_batch_size": 8,
+            "train.micro_batch_size": 2, "train.steps": FOUR_RANK_STEPS, "train.eval_interval": 4,
+            "train.eval_batches": 1, "logging.progress": "false", "optim.warmup_steps": 2}
+    return [f"{k}={v}" for k, v in {**base, **extra}.items()]

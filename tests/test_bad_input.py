@@ -165,6 +165,7 @@ def test_one_process_ignores_the_parallel_layout_with_a_notice(tmp_path: Path, c
         "(start several with `python -m launch --gpus-per-node N`)"]
 
 
+@pytest.mark.slow
 def test_real_command_lines_print_one_error_line(tmp_path: Path) -> None:
     """The shell commands themselves (not only main()): exit code 2 and one line, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -197,6 +197,7 @@ def test_a_legacy_pickle_checkpoint_resumes_without_running_code(finished_run: P
 
 
 # --- keep the right checkpoints -------------------------------------------------------------------
+@pytest.mark.slow
 def test_pruning_and_auto_resume_follow_save_order_after_a_rollback(finished_run: Path, cache_dir: str,
                                                                    tmp_path: Path) -> None:
     """A run at step 8 (saves 2, 4, 6, 8; keep 3) rolls back to step 4 and saves 5, 6: the new branch is kept

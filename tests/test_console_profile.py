@@ -40,6 +40,7 @@ def test_run_clock_paces_from_the_second_step() -> None:
     assert format_duration(3725) == "1:02:05" and format_duration(2 * 86400 + 61) == "2d 0:01:01"
 
 
+@pytest.mark.slow
 def test_step_lines_stay_off_the_progress_bar_and_profile_writes_traces(tmp_path, monkeypatch) -> None:
     """On a real terminal (a pseudo-terminal), every step line starts its own line: the bar is cleared and
     redrawn around it. The traced steps leave a Chrome trace with the trainer's regions and an op table."""

@@ -8,10 +8,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,43 +93,9 @@ def single_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> tupl
     return out, trainer
 
 
-@pytest.fixture(scope="module")
-def four_rank_launch(tmp_path_factory: pytest.TempPathFactory, single_run: tuple,
-                     cache_dir: str) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """Start (in the background, so it overlaps the single-process tests) 1 step on 4 gloo ranks with expert
-    parallelism 2: experts Shard(0) over ep, FSDP2 over dp. `single_run` has built the corpus cache."""
-    out = tmp_path_factory.mktemp("torchrun")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "train",
-           "--config", str(TINY), *overrides(**{"train.out_dir": out, "data.cache_dir": cache_dir,
-                                                "train.steps": 1, "train.micro_batch_size": 2,
-                                                "optim.warmup_steps": 1, "parallel.ep": 2})]
-    with open(out / "torchrun.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    yield proc, out
-    if proc.poll() is None:  # a test failed before waiting for it: stop this launcher's process group
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def four_rank_run(four_rank_launch: tuple[subprocess.Popen, Path]) -> Path:
-    proc, out = four_rank_launch
-    try:
-        rc = proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        rc = None
-    log = (out / "torchrun.log").read_text()
-    assert rc == 0, log[-5000:]
-    return out
-
-
 # --- exports checked with transformers ------------------------------------------------------------
 @pytest.mark.slow
-def test_cli_exports_newest_checkpoint_of_a_run_with_the_trainers_logits(single_run, four_rank_launch,
-                                                                          tmp_path) -> None:
-    # (four_rank_launch: the 4-rank run starts now and trains while this test and the next run)
+def test_cli_exports_newest_checkpoint_of_a_run_with_the_trainers_logits(single_run, tmp_path) -> None:
     run_dir, trainer = single_run
     out = tmp_path / "hf"
     done = export_cli(run_dir, out, "--dtype", "fp32")  # a run dir: the newest complete checkpoint, step 3
@@ -249,9 +213,10 @@ def test_unknown_tokenizer_warns_and_tokenizer_option_names_one(single_run, tmp_
 
 
 @pytest.mark.slow
-def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, single_run, cache_dir, tmp_path,
-                                                             capsys, monkeypatch) -> None:
-    ckpt = four_rank_run / "checkpoints" / "step-1"
+def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, single_run, tmp_path, capsys,
+                                                             monkeypatch) -> None:
+    """The shared 4-rank run's step-4 checkpoint (tests/conftest.py: experts over ep=2, FSDP2 over 4 ranks)."""
+    ckpt = four_rank_run.out / "checkpoints" / "step-4"
     assert len(list(ckpt.glob("train_state-rank*.json"))) == 4
     meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     experts = meta["model.layers.1.mlp.experts.gate_proj"]
@@ -263,7 +228,7 @@ def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, sing
         read.extend(item.storage_index.fqn for item in plan.items), real_read_data(self, plan, planner))[1])
     out = tmp_path / "hf"
     assert main([str(ckpt), str(out), "--dtype", "fp32"]) == 0
-    assert "step 1" in capsys.readouterr().out
+    assert "step 4" in capsys.readouterr().out
     assert read and all(k.startswith("model.") for k in read) and any(k.startswith("optim.") for k in meta)
     assert set(read) == {k for k in meta if k.startswith("model.")}
     full, got = full_model_tensors(ckpt, tmp_path), exported_tensors(out, ckpt)
@@ -271,11 +236,12 @@ def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, sing
     assert all(torch.equal(full[k], got[k]) for k in full)
 
     # A single-process trainer resumed from the 4-rank checkpoint (no step runs) gives transformers' logits.
-    cfg = load_config(TINY, overrides(**{"train.out_dir": tmp_path / "resumed", "data.cache_dir": cache_dir,
-                                         "train.steps": 2, "train.micro_batch_size": 4, "optim.warmup_steps": 1,
+    cfg = load_config(TINY, overrides(**{"train.out_dir": tmp_path / "resumed",
+                                         "data.cache_dir": four_rank_run.cache_dir, "train.steps": 5,
+                                         "train.micro_batch_size": 4, "optim.warmup_steps": 1,
                                          "checkpoint.resume": ckpt}))
     resumed = Trainer(cfg)
-    assert resumed.step == 1
+    assert resumed.step == 4
     diff = logits_diff(resumed.model, out, cfg.model.vocab_size)
     assert diff < LOGIT_TOL, diff
     # and the 4-rank weights are not the single-process run's (the comparison has teeth)
@@ -412,3 +378,17 @@ def test_damaged_checkpoint_is_a_one_line_error(single_run, tmp_path, capsys) ->
     err = capsys.readouterr().err
     assert err.startswith(f"error: {data}: truncated") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_streamed_runs_tokenizer_is_found(tmp_path) -> None:
+    """A run that streamed its data (data.stream) tokenized with data.stream.tokenizer: the export finds it."""
+    from tools.export import find_run_tokenizer
+
+    bpe = train_bpe([str(Path(json.__file__).parent / "decoder.py")], 300, tmp_path / "tok", show_progress=False)
+    ckpt = tmp_path / "step-1"
+    ckpt.mkdir()
+    (ckpt / "config.yaml").write_text(f"data:\n  source: builtin\n  stream:\n    path: somewhere\n"
+                                      f"    tokenizer: {bpe.path}\n")
+    (ckpt / "train_state-rank0.json").write_text(json.dumps({"tokenizer": bpe.fingerprint}))
+    tok, why = find_run_tokenizer(ckpt)
+    assert why == "" and tok is not None and tok.fingerprint == bpe.fingerprint

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.dist_harness import FOUR_RANK_STEPS, TORCHRUN_ENV, FourRankRun, four_rank_overrides, torchrun
 from train.checkpoint import list_checkpoints, resolve_resume
 from train.config import load_config
 from train.trainer import Trainer, TrainingDiverged
@@ -22,10 +23,7 @@ pytestmark = pytest.mark.slow  # real torchrun worlds and kills: minutes on 2 co
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-# TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with torchrun's shared rendezvous store, restarted ranks can read the dead
-# ranks' gloo addresses from the first attempt (pytorch/pytorch#135712); `python -m launch` sets it too.
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-
+ENV = TORCHRUN_ENV
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -48,62 +46,48 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def torchrun(nproc: int, args: list[str], restarts: int = 0, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "--max-restarts", str(restarts), "-m", "train", "--config", str(TINY), *args]
-    if kw.pop("background", False):
-        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
 # --------------------------------------------------------------------------------------------- 4 ranks
 
 
 @pytest.fixture(scope="module")
-def four_rank_runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> dict[str, Path]:
-    """On 4 gloo ranks with experts over ep=2: a straight 6-step run (async checkpoints), and the same run
-    stopped by SIGTERM to torchrun after a few steps (it saves at the next step boundary) and then restarted
-    with the same command."""
-    root = tmp_path_factory.mktemp("four")
-    straight, split = root / "straight", root / "split"
-    common = ["parallel.ep=2", "train.steps=6"]
-    # The straight run writes its checkpoints in the background (async_save): the reshard tests load them.
-    torchrun(4, [*overrides(straight, cache_dir, **{"checkpoint.interval": 3, "checkpoint.keep_last": 3,
-                                                   "checkpoint.async_save": "true"}), *common])
-    proc = torchrun(4, [*overrides(split, cache_dir), *common], background=True)
+def four_rank_runs(four_rank_run: FourRankRun) -> dict[str, Path]:
+    """On 4 gloo ranks with experts over ep=2: the shared straight run (tests/conftest.py; async checkpoints at
+    steps 4 and 8), and the same run stopped by SIGTERM to torchrun after a few steps (it saves at the next step
+    boundary) and then restarted with the same command."""
+    split = four_rank_run.out.parent / "split"
+    args = four_rank_overrides(split, four_rank_run.cache_dir, **{"parallel.ep": 2})
+    proc = torchrun(4, args, background=True)
     _wait_for(lambda: _logged_steps(split) >= 2, what="two steps")
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
     stopped = list_checkpoints(split)
-    assert len(stopped) == 1 and 2 <= stopped[0][0] < 6, stopped
-    torchrun(4, [*overrides(split, cache_dir), *common])
-    return {"straight": straight, "split": split}
+    assert len(stopped) == 1 and 2 <= stopped[0][0] < FOUR_RANK_STEPS, stopped
+    torchrun(4, args)
+    return {"straight": four_rank_run.out, "split": split}
 
 
 def test_stop_and_resume_is_bit_exact_on_four_ranks_with_expert_parallel(four_rank_runs: dict[str, Path]) -> None:
     straight, split = losses(four_rank_runs["straight"]), losses(four_rank_runs["split"])
-    assert sorted(straight) == sorted(split) == list(range(1, 7))
+    assert sorted(straight) == sorted(split) == list(range(1, FOUR_RANK_STEPS + 1))
     assert straight == split  # bit-identical floats, step by step
 
 
 @pytest.mark.parametrize("nproc", [2, 1])
-def test_checkpoint_of_four_ranks_reshards_to_fewer(four_rank_runs: dict[str, Path], cache_dir: str,
-                                                    tmp_path: Path, nproc: int) -> None:
-    """The step-3 checkpoint of 4 ranks (ep=2) resumes on 2 ranks (ep=1) and on 1 process: step 4 matches."""
-    ckpt = four_rank_runs["straight"] / "checkpoints" / "step-3"
+def test_checkpoint_of_four_ranks_reshards_to_fewer(four_rank_run: FourRankRun, tmp_path: Path, nproc: int) -> None:
+    """The step-4 checkpoint of 4 ranks (ep=2) resumes on 2 ranks (ep=1) and on 1 process: step 5 matches."""
+    ckpt = four_rank_run.out / "checkpoints" / "step-4"
     out = tmp_path / f"re{nproc}"
-    args = overrides(out, cache_dir, **{"train.steps": 4, "checkpoint.resume": ckpt, "checkpoint.save_final": "false"})
+    args = four_rank_overrides(out, four_rank_run.cache_dir, **{"train.steps": 5, "checkpoint.resume": ckpt,
+                                                                "checkpoint.save_final": "false"})
     if nproc == 1:
         trainer = Trainer(load_config(TINY, args))
-        assert trainer.step == 3 and trainer.train_loader.samples_consumed == 24
+        assert trainer.step == 4 and trainer.train_loader.samples_consumed == 32
         trainer.run()
     else:
         torchrun(nproc, [*args, "parallel.ep=1"])
-    got, ref = losses(out), losses(four_rank_runs["straight"])
-    assert list(got) == [4]
-    assert got[4] == pytest.approx(ref[4], rel=1e-5)  # only the reduction order differs
+    got, ref = losses(out), losses(four_rank_run.out)
+    assert list(got) == [5]
+    assert got[5] == pytest.approx(ref[5], rel=1e-5)  # only the reduction order differs
 
 
 # --------------------------------------------------------------------------------------------- signals

@@ -73,6 +73,7 @@ def _two_rank_worker(rank: int, world: int, hf: str, cache: str, out: str) -> No
         Trainer(cfg).run()
 
 
+@pytest.mark.slow
 def test_two_ranks_start_from_the_export(exported, tmp_path) -> None:
     hf, cache, expected = exported
     run_ranks(_two_rank_worker, 2, str(hf), cache, str(tmp_path))

@@ -200,6 +200,7 @@ class SpikeAt(Trainer):
         return (lm * 3, aux) if self.step + 1 == self.spike_step else (lm, aux)
 
 
+@pytest.mark.slow
 def test_a_synthetic_spike_in_a_real_run_is_detected_and_reported(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     SpikeAt.spike_step = 12
@@ -214,6 +215,7 @@ def test_a_synthetic_spike_in_a_real_run_is_detected_and_reported(tmp_path: Path
     assert "loss spike at step 12" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path: Path) -> None:
     args = {"logging.wandb.mode": "offline", "logging.wandb.tags": "[k2,ci]", "logging.wandb.project": "chogori-ci"}
     for steps in (2, 3):

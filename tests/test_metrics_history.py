@@ -71,6 +71,7 @@ def _kill_during_rewrite(path: Path, step: int, delay: float) -> bool:
     return proc.exitcode == -9
 
 
+@pytest.mark.slow
 def test_sigkill_while_a_resume_truncates_the_history_loses_nothing(tmp_path: Path) -> None:
     lines = _history(12_000)
     original = b"".join(lines)  # ~29 MB: a rewrite takes long enough to be killed in the middle

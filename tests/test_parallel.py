@@ -100,8 +100,10 @@ def _distributed_worker(rank: int, world: int, ep: int, ac: str, ref_path: str, 
 
 @pytest.mark.parametrize("world,ep,starve,ac", [
     (2, 2, False, "none"),
-    (4, 2, True, "full"),  # FSDP over dp_mod_ep=2 on top of EP; a whole EP rank receives zero tokens
-    (4, 4, True, "selective"),  # one expert-holding rank per EP group; two ranks starved
+    # FSDP over dp_mod_ep=2 on top of EP; a whole EP rank receives zero tokens
+    pytest.param(4, 2, True, "full", marks=pytest.mark.slow),
+    # one expert-holding rank per EP group; two ranks starved
+    pytest.param(4, 4, True, "selective", marks=pytest.mark.slow),
     (2, 1, False, "none"),  # FSDP only: experts sharded with the dense weights
 ])
 def test_expert_parallel_fsdp_matches_single_process(tmp_path: Path, world: int, ep: int, starve: bool,

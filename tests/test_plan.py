@@ -216,6 +216,7 @@ def test_bad_layout(layout: Layout, message: str) -> None:
 
 
 # --- CLI --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_table() -> None:
     run = subprocess.run([sys.executable, "-m", "tools.plan", "--config", "configs/tiny.yaml", "--optimizer", "adamw"],
                          cwd=ROOT,

@@ -114,6 +114,7 @@ def test_cli_progress_and_summary(inputs: tuple[Path, Counter[str]], tmp_path: P
     assert "tok/s" in res.stderr and "train tokens" in res.stderr and "MiB/s" in res.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_finishes_without_rewriting(tmp_path: Path) -> None:
     """Kill a real run mid-way; the rerun keeps every finished shard (same inode) and writes only the rest."""
     src = tmp_path / "src"

@@ -188,6 +188,7 @@ def test_main_missing_metrics_exits_2_naming_the_path(tmp_path: Path, capsys: py
     assert err.count("\n") == 1 and str(tmp_path / "nowhere" / "metrics.jsonl") in err
 
 
+@pytest.mark.slow
 def test_cli_prints_summary_and_files(rendered: tuple[Path, list[Path]], tmp_path: Path) -> None:
     run, _ = rendered
     env = {**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"}
@@ -206,6 +207,7 @@ def test_cli_prints_summary_and_files(rendered: tuple[Path, list[Path]], tmp_pat
     assert str(tmp_path / "missing" / "metrics.jsonl") in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_report_of_a_real_tiny_run(tmp_path: Path) -> None:
     """The trainer's own JSONL renders, the expert-load heatmap included."""
     from train.config import load_config

@@ -88,7 +88,7 @@ def syncs_per_step(trainer: Trainer, steps: int = 2) -> list[Counter]:
     return out
 
 
-@pytest.mark.parametrize("layers", [4, 24])
+@pytest.mark.parametrize("layers", [4, pytest.param(24, marks=pytest.mark.slow)])
 def test_two_host_syncs_per_step_at_any_depth(tmp_path: Path, cache_dir: str, layers: int) -> None:
     """Two waits per step (the finite check, the metrics record) with QK-Clip clipping and expert shares
     logged, at 4 and at 24 layers; none of them is torch.cuda.synchronize."""

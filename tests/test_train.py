@@ -71,6 +71,7 @@ def test_tiny_run_loss_falls(tmp_path: Path, cache_dir: str) -> None:
     assert [s for s, _ in list_checkpoints(tmp_path)] == [30]
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_and_seed_matters(tmp_path: Path, cache_dir: str) -> None:
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

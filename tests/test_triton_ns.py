@@ -96,7 +96,7 @@ def test_sym_square_fused_epilogue_equals_addmm() -> None:
     torch.testing.assert_close(triton_ns.sym_square(A[0]), A[0] @ A[0], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 20, 36)])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), pytest.param((3, 20, 36), marks=pytest.mark.slow)])
 def test_newton_schulz_on_the_kernel_equals_pytorch_ns(shape: tuple[int, ...]) -> None:
     G = torch.randn(*shape, generator=_gen(5))
     ours = zeropower_via_newtonschulz5(G, dtype=torch.float32, triton=True)

@@ -282,6 +282,9 @@ def find_run_tokenizer(ckpt: Path) -> tuple[Tokenizer | None, str]:
         where = ", ".join(sources) if sources else "no data section in config.yaml"
         return None, f"neither the checkpoint's train state nor its data sources ({where}) name a tokenizer"
     dirs = [Path(s).expanduser() for s in sources if s != "builtin"]
+    stream = (read_config_doc(ckpt).get("data") or {}).get("stream") or {}
+    if isinstance(stream, dict) and stream.get("path") and stream.get("tokenizer") not in (None, "byte"):
+        dirs.insert(0, Path(str(stream["tokenizer"])).expanduser())  # data.stream tokenizes with this file
     try:
         return tokenizer_from_fingerprint(fingerprint, dirs), ""
     except (ValueError, ImportError):
