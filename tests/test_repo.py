@@ -112,3 +112,37 @@ def test_console_scripts_point_at_the_python_m_entry_points() -> None:
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
+
+
+def test_pyproject_declares_exactly_what_the_code_imports() -> None:
+    """Every third-party module the packages import comes from a declared distribution (a dependency, or an
+    extra for the optional ones), and every runtime dependency is imported somewhere: nothing arrives only
+    because another package happens to pull it in."""
+    import importlib.metadata
+    import sys
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    own = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[<>=!;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+    runtime = names(project["dependencies"])
+    declared = runtime | {n for extra in project["optional-dependencies"].values() for n in names(extra)}
+    imported: set[str] = set()
+    for path in (p for pkg in own for p in (ROOT / pkg).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - own - {"__future__"}
+    dists = importlib.metadata.packages_distributions()
+    from_dists = {m: {d.lower().replace("_", "-") for d in dists.get(m, [m])} for m in third_party}
+    undeclared = {m: d for m, d in from_dists.items() if not d & declared}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+    used = set().union(*from_dists.values())
+    unused = runtime - used
+    assert not unused, f"runtime dependencies nothing imports: {unused}"
