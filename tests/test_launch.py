@@ -280,7 +280,7 @@ def test_real_two_process_launch_stops_on_sigusr1_and_resumes(tmp_path: Path) ->
     boundary and exits; the same command again resumes and finishes with exit code 0."""
     out_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch", "--config", "configs/tiny.yaml", "--gpus-per-node", "2",
-           f"train.out_dir={out_dir}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=12",
+           f"train.out_dir={out_dir}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=8",
            "train.global_batch_size=8", "train.micro_batch_size=4", "data.seq_len=64", "train.eval_interval=0",
            "logging.progress=false", "optim.warmup_steps=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -295,14 +295,14 @@ def test_real_two_process_launch_stops_on_sigusr1_and_resumes(tmp_path: Path) ->
     log = first.communicate(timeout=300)[0]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     stopped = steps[-1]
-    assert steps == list(range(1, stopped + 1)) and stopped < 12, log[-3000:]
+    assert steps == list(range(1, stopped + 1)) and stopped < 8, log[-3000:]
     assert (out_dir / "checkpoints" / f"step-{stopped}" / "COMPLETE").exists(), log[-3000:]
     assert first.returncode != 0 and "after SIGUSR1 was forwarded to it" in log  # torchrun: a signal is a failure
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"at step {stopped}" in second.stdout and "step 12/12 |" in second.stdout
-    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 13))
+    assert f"at step {stopped}" in second.stdout and "step 8/8 |" in second.stdout
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 9))
 
 
 def test_hostfile_dry_run_renders_deepspeeds_launcher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

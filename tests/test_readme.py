@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORTEN = ["optim.warmup_steps=1", "data.seq_len=32"]
 FIRST_RUN_STEPS = 2  # a new run dir; a resumed one trains one step more than its previous run
 RUNS_AS_IS = {"train.report", "tools.plan", "tools.export", "data.prepare"}  # seconds-long as written
-TIMEOUT_S = 600  # per command: the 4-process launch on a busy 2-core machine is the slow one
+TIMEOUT_S = 600  # per command: the multi-process launch on a busy 2-core machine is the slow one
 
 
 def readme_snippets() -> tuple[str, list[str], str]:

@@ -7,6 +7,7 @@ Newton–Schulz ownership is planned over the full depth from the optimizer's ow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -169,3 +170,24 @@ def test_command_refuses_a_layout_in_one_line(capsys: pytest.CaptureFixture) -> 
     assert main(["--config", str(ROOT / "configs" / "k2-1t.yaml"), "--gpus", "2048", "--ep", "7"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: parallel.ep") and "\n" not in err
+
+
+def test_full_depth_ownership_from_the_simulated_layers_equals_parallelizing_the_full_depth() -> None:
+    """The full-depth Newton–Schulz plan the simulator derives from the shortened model's layouts is the plan of
+    the full-depth model parallelized on the same mesh (what it stands in for, to spare FSDP2's world-2048
+    sharding of every layer)."""
+    from parallel import ParallelDims, build_mesh
+    from tools.simulate import _meta_model, full_depth_ownership, ownership, simulate
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.num_hidden_layers=6", "model.first_k_dense_replace=2"])
+    sim = simulate(cfg, world=8, ep=2, rank=3, layers=3, keep=True)  # layers 0-1 dense, 2 MoE; 3-5 MoE not built
+    try:
+        dims = ParallelDims.from_config(dataclasses.replace(cfg.parallel, ep=2, dp_shard=-1), 8,
+                                        cfg.model.n_routed_experts)
+        parallelized = ownership(_meta_model(cfg.model, build_mesh(dims, "cpu"), cfg, None), 5)
+        derived = full_depth_ownership(sim.model, cfg.model, 5)
+        assert derived is not None and derived.matrices == parallelized.matrices
+        assert len(derived.matrices) > len(ownership(sim.model, 5).matrices)  # the unbuilt layers are in it
+        assert sim.newton_schulz["full_depth"]["matrices"] == len(parallelized.matrices)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import Transformer
 from models.config import ConfigError
+from models.init import canonical_name
 from models.moe import forced_balanced_routing
 from optim import build_optimizer
 from optim.distributed_ns import NSStats, orthogonalize
@@ -145,6 +146,31 @@ def ownership(model: Transformer, steps: int) -> OwnershipPlan:
     """The Newton–Schulz owner of every matrix Muon orthogonalizes in `model`: the optimizer's own plan
     (optim/distributed_ns.py), from the parameters' layouts; no process group is used."""
     return plan_ownership([layout_of(p) for _, p in _muon_params(model)], steps)
+
+
+def full_depth_ownership(model: Transformer, full_cfg: Any, steps: int) -> OwnershipPlan | None:
+    """The ownership plan of the full-depth model from the layouts of the simulated (shortened, unpipelined) one:
+    `parallelize` lays out every block of a kind (dense FFN or MoE) alike, so layer i of the full model has the
+    layouts of the simulated layer of its kind. None if the simulated model lacks a kind the full one has. (At
+    world 2048 this spares FSDP2's sharding of 61 meta layers, most of a K2 simulation's minute; the tests check
+    it against parallelizing the full depth.)"""
+    sim = {canonical_name(n): p for n, p in _muon_params(model)}
+    built = sorted({int(n.split(".")[1]) for n in sim if n.startswith("layers.")})
+    kind_of = {i: i >= full_cfg.first_k_dense_replace for i in range(full_cfg.num_hidden_layers)}
+    representative = {}
+    for i in built:
+        representative.setdefault(kind_of[i], i)
+    with torch.device("meta"):
+        full = Transformer(full_cfg)
+    layouts = []
+    for name, _ in _muon_params(full):
+        if name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            if kind_of[int(index)] not in representative:
+                return None
+            name = f"layers.{representative[kind_of[int(index)]]}.{rest}"
+        layouts.append(layout_of(sim[name]))
+    return plan_ownership(layouts, steps)
 
 
 def _meta_model(model_cfg: Any, mesh: Any, cfg: ExperimentConfig, plan: PipelinePlan | None) -> Transformer:
@@ -261,8 +287,9 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
                       if torch.is_tensor(t) and t.dim() > 0)
     steps = cfg.optim.ns_steps
     here = ownership(model, steps)
-    full = here if layers is None else ownership(_meta_model(cfg.model, mesh, cfg, _plan(cfg, cfg.model, mesh, pp,
-                                                                                          seq_len)), steps)
+    full = here if layers is None else (full_depth_ownership(model, cfg.model, steps) if pp == 1 else None)
+    if full is None:  # a pipeline rank's stages at full depth are other layers: parallelize them (on meta)
+        full = ownership(_meta_model(cfg.model, mesh, cfg, _plan(cfg, cfg.model, mesh, pp, seq_len)), steps)
     loads = full.per_rank()
     owners = dp_mesh(mesh).mesh.flatten().tolist()  # NS runs over the stage's ranks (all, without a pipeline)
     flops = [loads[r].flops if r in loads else 0 for r in owners]
