@@ -22,6 +22,7 @@ import torch
 
 from data.dataset import MixtureDataset, WindowDataset, derive_seed, open_source
 from data.shards import DataError, ShardError, open_shard
+from data.stream_source import cfg_get
 from data.tokenizer import Tokenizer, tokenizer_from_fingerprint
 
 Dataset = WindowDataset | MixtureDataset
@@ -161,27 +162,19 @@ def eval_batches(
         yield _to_batch(rows)
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
 def _sources(data_cfg: Any) -> list[tuple[str, float, str, str]]:
     """(path, weight, name, config key) of every configured source: `data.sources` if given, else `data.source`."""
-    listed = _cfg_get(data_cfg, "sources", None) or []
+    listed = cfg_get(data_cfg, "sources", None) or []
     if not listed:
-        path = str(_cfg_get(data_cfg, "source", "builtin"))
+        path = str(cfg_get(data_cfg, "source", "builtin"))
         return [(path, 1.0, path, "data.source")]
     out = []
     for i, src in enumerate(listed):
-        path = _cfg_get(src, "path", None)
+        path = cfg_get(src, "path", None)
         if not path:
             raise DataError(f"data.sources[{i}].path: is missing")
-        weight = _cfg_get(src, "weight", 1.0)
-        name = str(_cfg_get(src, "name", None) or f"data.sources[{i}] ({path})")
+        weight = cfg_get(src, "weight", 1.0)
+        name = str(cfg_get(src, "name", None) or f"data.sources[{i}] ({path})")
         out.append((str(path), weight, name, f"data.sources[{i}].path"))
     return out
 
@@ -199,15 +192,15 @@ def build_loaders(
     hold only ids below it (`TokenIdError` names the shard file and offset). Every rank may call this at once.
     `stream` — a `datasets` source streamed and tokenized on the fly instead (data/streaming.py).
     """
-    stream = _cfg_get(data_cfg, "stream", None)
-    if _cfg_get(stream, "path", None):
+    stream = cfg_get(data_cfg, "stream", None)
+    if cfg_get(stream, "path", None):
         from data.streaming import build_stream_loaders
 
         return build_stream_loaders(stream, seq_len, global_batch_size, seed, dp_rank=dp_rank,  # type: ignore[return-value]
                                     dp_world=dp_world, vocab_size=vocab_size,
-                                    prefetch=int(_cfg_get(data_cfg, "prefetch", 2)))
-    cache_dir = _cfg_get(data_cfg, "cache_dir", None)
-    prefetch = int(_cfg_get(data_cfg, "prefetch", 2))
+                                    prefetch=int(cfg_get(data_cfg, "prefetch", 2)))
+    cache_dir = cfg_get(data_cfg, "cache_dir", None)
+    prefetch = int(cfg_get(data_cfg, "prefetch", 2))
     sources = _sources(data_cfg)
     opened = []
     for path, _, _, key in sources:

@@ -8,6 +8,7 @@ directory written by `save_to_disk`, which `load_dataset` cannot open: that one 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,12 @@ def text_of(row: Any, field: str, where: str) -> str:
         keys = ", ".join(sorted(map(str, row))[:10]) if isinstance(row, dict) else type(row).__name__
         raise DataError(f"{where}: no field {field!r} (fields: {keys}); choose one with data.stream.text_field")
     raise DataError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """`key` of a config section, whatever it is: a dataclass, a dict or an OmegaConf node (None: `default`)."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)

@@ -311,12 +311,11 @@ def build_stream_loaders(
     vocab_size: int | None = None, prefetch: int = 2,
 ) -> tuple[StreamingTokenLoader, InMemoryWindows | NoValidation, Tokenizer]:
     """(train loader, validation set, tokenizer) for a `data.stream` config section (docs/configuration.md)."""
-    from data.loader import _cfg_get
-    from data.stream_source import open_splits
+    from data.stream_source import cfg_get, open_splits
     from data.tokenizer import load_tokenizer
 
     def get(key: str, default: Any = None) -> Any:
-        return _cfg_get(stream, key, default)
+        return cfg_get(stream, key, default)
 
     path, split, text_field = str(get("path")), str(get("split", "train")), str(get("text_field", "text"))
     tokenizer = load_tokenizer(str(get("tokenizer", "byte")))
