@@ -33,6 +33,8 @@ _LAZY = {
     "TokenBatchLoader": "data.loader",
     "build_loaders": "data.loader",
     "eval_batches": "data.loader",
+    "StreamingTokenLoader": "data.streaming",
+    "build_stream_loaders": "data.streaming",
 }
 
 __all__ = list(_LAZY)
