@@ -24,7 +24,6 @@ from models.init import canonical_name, shard_indices
 from models.transformer import Transformer
 
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
-_HF_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 # Released config.json fields we do not model: inference-only or quantization details.
 _IGNORED_HF_KEYS = {
@@ -178,7 +177,8 @@ def read_hf_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
 
 
 # Fields that may differ between a run's config and the checkpoint it starts from: training-only settings, the
-# initialiser's std (the weights come from the file), token ids (the tokenizer's business, not the weights').
+# initialiser's std (the weights come from the file), token ids (the tokenizer's business, not the weights'), and
+# num_key_value_heads (MLA: null and the head count mean the same).
 _START_FROM_FREE = {*ModelConfig.TRAINING_ONLY, "init_from", "initializer_range", "bos_token_id", "eos_token_id",
                     "num_key_value_heads"}
 
@@ -337,7 +337,7 @@ def import_hf(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own new Parameter: tie them again
         model.lm_head.weight = model.embed_tokens.weight
-    model.init_weights()  # buffers (rotary, stats); parameters are overwritten just below
+    model.init_weights(parameters=False)  # buffers (rotary, stats); the parameters come from the file below
     # Each parameter takes the dtype `import_dtype` gives it before its values are copied in. The buffers are left
     # alone: the rotary frequencies, max-logit and load statistics stay float32 (a blanket `model.to(bf16)` would
     # round them) and the correction bias, float32 too, takes the file's values.

@@ -114,7 +114,7 @@ class Transformer(nn.Module):
     # --- initialisation -------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int | torch.Generator | None = None, *,
-                     generator: torch.Generator | None = None) -> None:
+                     generator: torch.Generator | None = None, parameters: bool = True) -> None:
         """Init scheme (DeepSeek-V3 paper, sec. 4.2): every matrix — embeddings, attention and FFN
         projections, stacked experts, router, LM head — ~ N(0, initializer_range=0.006); norm weights 1;
         biases and the router correction bias 0. Also rebuilds the non-persistent buffers (rotary
@@ -125,6 +125,8 @@ class Transformer(nn.Module):
         (FSDP2, expert parallelism): each rank fills only its shard, with exactly the values the same
         rows have in a single-process init, so the weights do not depend on the world size or on the
         wrappers (activation checkpointing, torch.compile) applied to the model.
+
+        `parameters=False` rebuilds the buffers only, for weights about to be loaded from a checkpoint.
 
         `seed`: the run's seed. `generator` (kept for old callers) stands for `generator.initial_seed()`.
         With neither, a seed is drawn from torch's global RNG, so `torch.manual_seed(s); Transformer(cfg)`
@@ -139,7 +141,7 @@ class Transformer(nn.Module):
                 and self.lm_head.weight is not self.embed_tokens.weight):
             self.lm_head.weight = self.embed_tokens.weight  # `to_empty` after meta construction unties them
         std = self.cfg.initializer_range
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters() if parameters else ():
             name = canonical_name(name)
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 fill_(p, 1.0)

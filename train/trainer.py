@@ -69,12 +69,13 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | None = None,
                 param_dtype: torch.dtype | None = None, pipeline: PipelinePlan | None = None,
-                ) -> tuple[Transformer, list[StageModule] | None]:
+                init_from: str | None = None) -> tuple[Transformer, list[StageModule] | None]:
     """Construct on the meta device (no memory), apply parallelism from outside, materialize on `device`
     and initialise: the weights depend only on the seed, not on the number of ranks or the layout.
     `param_dtype`: FSDP2's compute dtype for the weights (they stay fp32 in storage); needs a mesh.
-    `pipeline`: this rank's stages; the model then holds only their layers. Returns the model and the stage
-    views (None without a pipeline)."""
+    `pipeline`: this rank's stages; the model then holds only their layers. `init_from`: a released-layout
+    checkpoint whose weights replace the random init (never drawn then). Returns the model and the stage views
+    (None without a pipeline)."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     reshard = {"auto": None, "true": True, "false": False}[str(cfg.parallel.reshard_after_forward).lower()]
@@ -82,7 +83,9 @@ def build_model(cfg: ExperimentConfig, device: torch.device, mesh: DeviceMesh | 
                          param_dtype=param_dtype, compile=cfg.train.compile, pipeline=pipeline,
                          reshard_after_forward=reshard, offload=cfg.optim.offload == "cpu")
     model.to_empty(device=device)
-    model.init_weights(seed=cfg.train.seed)
+    model.init_weights(seed=cfg.train.seed, parameters=init_from is None)
+    if init_from is not None:  # each rank reads only the slices of the tensors it holds
+        load_hf_weights(model, init_from)
     for stage in stages or []:
         stage.reset_balance_loss()
     return model, stages
@@ -148,9 +151,8 @@ class Trainer:
             self.pipeline = plan_pipeline(cfg.model, cfg.data.seq_len, self.dims.pp, p.pp_schedule,
                                           p.pp_virtual_stages, self.mesh["pp"].get_local_rank())
         self.model, self.stages = build_model(cfg, self.device, self.mesh, param_dtype=self.compute_dtype,
-                                              pipeline=self.pipeline)
-        if init_from:  # each rank reads only the slices of the tensors it holds
-            load_hf_weights(self.model, init_from)
+                                              pipeline=self.pipeline, init_from=init_from or None)
+        if init_from:
             self._notes.append(f"init_from: weights from {init_from}")
         self._pp_group = self.mesh["pp"].get_group() if self.pipeline is not None else None
         if self.stages is not None:
