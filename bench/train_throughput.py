@@ -1,62 +1,414 @@
-"""Training throughput of a preset: tokens/s and step time, measured through the real trainer.
+"""Training throughput of a preset through the real trainer: tokens/s over repeated runs, and where a step goes.
 
-    python bench/train_throughput.py --config configs/tiny.yaml --steps 40 --warmup 5
+    python bench/train_throughput.py                         # tiny, and small at reduced depth (SMALL_REDUCED)
+    python bench/train_throughput.py --config configs/tiny.yaml --runs 5 --steps 20 --warmup 4 [overrides ...]
+    python bench/train_throughput.py --baseline 604e87f     # the same, also for that git revision, alternating
 
-Prints a table: median / p10 / p90 tokens per second over the steps after `--warmup` (the first steps pay
-for allocator growth and lazy initialisation), plus the model size and device. Benchmarks never fail a
-test run; record their output in docs/BENCHMARKS.md with the machine they ran on.
+Every run is an independent process that builds a `train.trainer.Trainer` and calls `train_step()` `--steps`
+times; the first `--warmup` steps (allocator growth, lazy initialisation) are not timed. A run reports its
+median tokens/s and, summed over its timed steps, the time spent in
+- attention: forward and backward of every `models.attention.MLAttention` module,
+- MoE: forward and backward of every `models.moe.MoE` module (router, experts, shared experts, balance loss),
+- optimizer: the trainer's `optimizer_step` region (`train.profiling.region`: the update and its post-step
+  hooks — router-bias update, QK-Clip),
+- rest: the step time the trainer reports minus those three (embedding, norms, dense MLPs, LM head and loss,
+  gradient clipping, statistics reduction, data loading, autograd bookkeeping).
+
+Module times come from forward pre/post hooks and full backward pre/post hooks registered from outside on the
+model's modules; region times from wrapping the trainer module's `region` context manager (both keep what they
+wrap). On CPU a host clock (`time.perf_counter`) is exact because the ops run synchronously; on CUDA every
+boundary records a CUDA event on the current stream and the intervals are read after the step, whose end the
+trainer already synchronises. The full backward hooks add a few identity autograd nodes per module: small, and
+the same on both sides of a comparison.
+
+`--baseline REV` checks REV out into a temporary `git worktree` and measures it with this same script (the
+measurement code of the current tree, the model/trainer code of REV: the worker runs with cwd and PYTHONPATH at
+the worktree), alternating current and baseline runs (ABBA order), and prints both with each part's time ratio.
+Both sides read the same config file (the current tree's), so they run the same workload; a revision whose code
+lacks a piece (a config key, the region helper, the module classes) is reported with a message, not a crash.
+
+Workers run with `--threads` (default 1) intra-op threads: on a shared 2-core machine two OpenMP threads that
+lose one core to another process make steps several times slower and wildly uneven. Benchmarks never fail a
+test run; record the output in docs/bench_train.md with the machine and load it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+RESULT_TAG = "BENCH_RESULT "
+PARTS = ("attention", "moe", "optimizer", "rest")
+DETAIL = ("attention_fwd", "attention_bwd", "moe_fwd", "moe_bwd", "optimizer", "clip_grad_norm", "stats_reduce")
+# `small` cut down until one step takes seconds, not minutes, on one CPU core: one layer (MoE, no dense layer) of the
+# preset's width (hidden 1024, vocab 32768, MLA ranks, expert FFN 512, top-6 routing) with 8 of its 64 experts, and
+# 2 x 256 tokens a step. The full-depth, 64-expert preset spends ~1 min a step in Muon alone on this CPU.
+SMALL_REDUCED = ["model.num_hidden_layers=1", "model.first_k_dense_replace=0", "model.n_routed_experts=8",
+                 "data.seq_len=256", "train.global_batch_size=2", "train.micro_batch_size=2"]
+PRESETS = [("configs/tiny.yaml", []), ("configs/small.yaml", SMALL_REDUCED)]
 
-import torch  # noqa: E402
 
-from train.config import load_config  # noqa: E402
-from train.trainer import Trainer  # noqa: E402
+# --- measurement inside one run (the worker) ---------------------------------------------------------------------
+
+class PartTimer:
+    """Intervals of named parts of a step. `start(key)` / `stop(key, part)` bracket one interval; `collect()`
+    returns the seconds per part since the last `collect()`. CPU: host clock. CUDA: events on the current stream
+    (read after the caller synchronised)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self._open: dict[Any, Any] = {}
+        self._spans: list[tuple[str, Any, Any]] = []
+
+    def _now(self) -> Any:
+        if self.cuda:
+            import torch
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self, key: Any) -> None:
+        self._open[key] = self._now()
+
+    def stop(self, key: Any, part: str) -> None:
+        begin = self._open.pop(key, None)
+        if begin is not None:  # a stop without its start (a hook that fired alone) counts nothing
+            self._spans.append((part, begin, self._now()))
+
+    def collect(self) -> dict[str, float]:
+        if self.cuda and self._spans:
+            import torch
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for part, begin, end in self._spans:
+            seconds = begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
+            out[part] = out.get(part, 0.0) + seconds
+        self._spans.clear()
+        self._open.clear()
+        return out
+
+
+def hook_modules(model: Any, cls: type, part: str, timer: PartTimer) -> int:
+    """Time forward and backward of every `cls` module of `model` as `<part>_fwd` / `<part>_bwd`. Returns how
+    many modules were hooked."""
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, cls):
+            continue
+        key = id(module)
+        module.register_forward_pre_hook(lambda m, a, k=key: timer.start((part, "fwd", k)))
+        module.register_forward_hook(lambda m, a, o, k=key: timer.stop((part, "fwd", k), f"{part}_fwd"))
+        module.register_full_backward_pre_hook(lambda m, g, k=key: timer.start((part, "bwd", k)))
+        module.register_full_backward_hook(lambda m, gi, go, k=key: timer.stop((part, "bwd", k), f"{part}_bwd"))
+        n += 1
+    return n
+
+
+def timed_region(original: Callable[[str], Any], timer: PartTimer) -> Callable[[str], Any]:
+    """`train.profiling.region`, also timing each region as the part of its name."""
+    @contextlib.contextmanager
+    def region(name: str) -> Any:
+        timer.start(("region", name))
+        try:
+            with original(name):
+                yield
+        finally:
+            timer.stop(("region", name), name.replace("/", "_"))
+    return region
+
+
+def measure_run(config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
+    """One independent trainer run, with the code importable right now (`train`, `models` on sys.path). Returns
+    the run's summary; missing pieces of an older code base go into `notes` (or `error`)."""
+    import torch
+
+    notes: list[str] = []
+    try:
+        import train.trainer as trainer_mod
+        from train.config import load_config
+        from train.trainer import Trainer
+    except ImportError as e:
+        return {"error": f"cannot import the trainer (train.config.load_config, train.trainer.Trainer): {e}"}
+    classes: dict[str, Any] = {}
+    for part, mod_name, cls_name in (("attention", "models.attention", "MLAttention"), ("moe", "models.moe", "MoE")):
+        try:
+            classes[part] = getattr(__import__(mod_name, fromlist=[cls_name]), cls_name)
+        except (ImportError, AttributeError) as e:
+            notes.append(f"no {mod_name}.{cls_name} ({e}): its time counts as rest")
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            cfg = load_config(config, [f"train.out_dir={out}", f"train.steps={max(steps, 100_000)}",
+                                       "train.eval_interval=0",
+                                       "checkpoint.save_final=false", "logging.progress=false", *overrides])
+            trainer = Trainer(cfg)
+        except Exception as e:  # an older revision may not know a key or the config layout
+            return {"error": f"cannot build the trainer for {config} {' '.join(overrides)}: "
+                             f"{type(e).__name__}: {e}"}
+        if not hasattr(trainer, "train_step"):
+            return {"error": "train.trainer.Trainer has no train_step(): this benchmark cannot drive it"}
+        timer = PartTimer(trainer.device.type == "cuda")
+        hooked = {part: hook_modules(trainer.model, cls, part, timer) for part, cls in classes.items()}
+        for part, n in hooked.items():
+            if n == 0:
+                notes.append(f"no {part} module found in the model")
+        original_region = getattr(trainer_mod, "region", None)
+        if original_region is not None:
+            trainer_mod.region = timed_region(original_region, timer)
+        else:  # before the trainer had named regions: time the optimizer's step call itself
+            notes.append("train.trainer has no region(): optimizer time is trainer.optimizer.step() wrapped")
+            step_fn = trainer.optimizer.step
+
+            def optimizer_step(*a: Any, **k: Any) -> Any:
+                timer.start(("region", "optimizer_step"))
+                try:
+                    return step_fn(*a, **k)
+                finally:
+                    timer.stop(("region", "optimizer_step"), "optimizer_step")
+            trainer.optimizer.step = optimizer_step
+        try:
+            records, parts = [], []
+            for i in range(steps):
+                rec = trainer.train_step()
+                times = timer.collect()
+                if i >= warmup:
+                    records.append(rec)
+                    parts.append(times)
+        finally:
+            if original_region is not None:
+                trainer_mod.region = original_region
+    step_s = sum(r["step_time_s"] for r in records)
+    part_s = {name: sum(p.get(name, 0.0) for p in parts) for name in DETAIL}
+    summary = {
+        "attention": part_s["attention_fwd"] + part_s["attention_bwd"],
+        "moe": part_s["moe_fwd"] + part_s["moe_bwd"],
+        "optimizer": part_s["optimizer"] if original_region is None else sum(p.get("optimizer_step", 0.0)
+                                                                               for p in parts),
+    }
+    part_s["optimizer"] = summary["optimizer"]
+    summary["rest"] = step_s - sum(summary.values())
+    n = len(records)
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+        "step_ms": 1e3 * step_s / n,
+        "parts_ms": {k: 1e3 * v / n for k, v in summary.items()},
+        "detail_ms": {k: 1e3 * v / n for k, v in part_s.items()},
+        "timed_steps": n,
+        "loss": [records[0]["loss"], records[-1]["loss"]],
+        "params_m": trainer.model.num_params() / 1e6,
+        "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
+        "device": str(trainer.device),
+        "dtype": str(trainer.compute_dtype or torch.float32),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "notes": notes,
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    torch.set_num_threads(args.threads)
+    try:
+        result = measure_run(args.config, args.overrides, args.steps, args.warmup)
+    except Exception as e:  # report, so the parent can print it next to the other side's numbers
+        result = {"error": f"{type(e).__name__}: {e}"}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# --- the parent: runs, alternation, baseline worktree, tables -------------------------------------------------------
+
+def git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def describe(root: Path) -> str:
+    """`<short hash>` of the checkout, `+uncommitted` when its tracked files differ from it."""
+    try:
+        head = git("rev-parse", "--short", "HEAD", cwd=root)
+        dirty = git("status", "--porcelain", "--untracked-files=no", cwd=root)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "?"
+    return head + ("+uncommitted" if dirty else "")
+
+
+def spawn(root: Path, config: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """One run in a fresh process whose `train`/`models` come from `root`; this script does the measuring."""
+    cmd = [sys.executable, str(SCRIPT), "--worker", "--config", config, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), *overrides]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+            result["wall_s"] = time.perf_counter() - t0
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {"error": f"worker exited with {proc.returncode} and no result: " + " | ".join(tail)}
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """median (min-max) over the runs."""
+    if not values:
+        return "n/a"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return fmt.format(med)
+    return f"{fmt.format(med)} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def side_stats(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    ok = [r for r in runs if "error" not in r]
+    stats: dict[str, list[float]] = {"tokens_per_s": [r["tokens_per_s"] for r in ok],
+                                     "step_ms": [r["step_ms"] for r in ok]}
+    for part in PARTS:
+        stats[part] = [r["parts_ms"][part] for r in ok]
+        stats[part + "_share"] = [100 * r["parts_ms"][part] / r["step_ms"] for r in ok]
+    for name in DETAIL:
+        stats[name] = [r["detail_ms"][name] for r in ok]
+    return stats
+
+
+def ratio(cur: list[float], base: list[float], fmt: str = "{:.2f}×") -> str:
+    if not cur or not base or statistics.median(base) == 0:
+        return "n/a"
+    return fmt.format(statistics.median(cur) / statistics.median(base))
+
+
+def table(sides: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """The markdown tables for one config: one column per side, a ratio column when there are two."""
+    stats = [side_stats(runs) for _, runs in sides]
+    two = len(sides) == 2
+    head = "| | " + " | ".join(label for label, _ in sides) + (" | current / baseline |" if two else " |")
+    sep = "|---" * (len(sides) + 1 + two) + "|"
+    lines = ["Median over runs (min–max); times are per step, shares of the step time.", "", head, sep]
+
+    def row(name: str, key: str, fmt: str, rfmt: str | None) -> None:
+        cells = [spread(s[key], fmt) for s in stats]
+        if two:
+            cells.append(ratio(stats[0][key], stats[1][key]) + (f" {rfmt}" if rfmt else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    row("tokens/s", "tokens_per_s", "{:,.0f}", "tokens/s")
+    row("step time (ms)", "step_ms", "{:.1f}", "time")
+    for part, label in zip(PARTS, ("attention", "MoE", "optimizer", "rest"), strict=True):
+        cells = [f"{spread(s[part], '{:.1f}')} ms, {spread(s[part + '_share'], '{:.1f}')}%" for s in stats]
+        if two:
+            cells.append(ratio(stats[0][part], stats[1][part]) + " time")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Detail (ms per step, median over runs): "
+              + "; ".join(f"{label}: " + " / ".join(spread(s[name], "{:.1f}") for s in stats)
+                          for name, label in zip(DETAIL, ("attention fwd", "attention bwd", "MoE fwd", "MoE bwd",
+                                                         "optimizer", "clip_grad_norm", "stats_reduce"), strict=True))
+              + (" (current / baseline)" if two else "")]
+    for label, runs in sides:
+        notes = sorted({n for r in runs for n in r.get("notes", [])})
+        errors = [r["error"] for r in runs if "error" in r]
+        ok = sum("error" not in r for r in runs)
+        lines.append(f"- {label}: {ok} of {len(runs)} runs measured"
+                     + (f"; notes: {'; '.join(notes)}" if notes else ""))
+        if errors:
+            lines.append(f"  - failed: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    if two:
+        lines.append("- ratios: current median / baseline median; time below 1.00× is faster, tokens/s above "
+                     "1.00× is faster. Compare them with the min–max spread of each side before calling a change.")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def baseline_worktree(rev: str):
+    """A detached `git worktree` of `rev` in a temporary folder, removed afterwards."""
+    try:
+        commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        sys.exit(f"--baseline {rev}: not a git revision of {REPO}")
+    parent = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+    path = parent / "tree"
+    git("worktree", "add", "--detach", str(path), commit)
+    try:
+        yield path, commit[:7]
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True)
+        shutil.rmtree(parent, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return f"{cpu}, {os.cpu_count()} cpus, load average {load}"
+
+
+def run_config(config: str, overrides: list[str], args: argparse.Namespace, base: tuple[Path, str] | None) -> None:
+    config_path = str((REPO / config).resolve()) if not Path(config).is_absolute() else config
+    cur_label = f"current ({describe(REPO)})"
+    sides: list[tuple[str, Path]] = [(cur_label, REPO)]
+    if base is not None:
+        sides.append((f"baseline ({base[1]})", base[0]))
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in sides}
+    for i in range(args.runs):
+        order = sides if i % 2 == 0 else sides[::-1]  # ABBA: neither side always runs first
+        for label, root in order:
+            result = spawn(root, config_path, overrides, args)
+            runs[label].append(result)
+            msg = result.get("error") or f"{result['tokens_per_s']:,.0f} tokens/s, {result['step_ms']:.0f} ms/step"
+            print(f"  run {i + 1}/{args.runs} {label}: {msg}", file=sys.stderr, flush=True)
+    first = next((r for rs in runs.values() for r in rs if "error" not in r), None)
+    print(f"\n### {config} {' '.join(overrides)}\n")
+    if first is not None:
+        print(f"{first['params_m']:.2f}M params, {first['tokens_per_step']} tokens/step, device {first['device']}, "
+              f"dtype {first['dtype']}, {first['threads']} thread(s), torch {first['torch']}; {args.runs} runs per "
+              f"side of {args.steps} steps, the first {args.warmup} untimed; {machine()} (after the runs)\n")
+    print(table([(label, runs[label]) for label, _ in sides]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--config", default=None,
+                    help="one config (default: configs/tiny.yaml, then configs/small.yaml with SMALL_REDUCED)")
+    ap.add_argument("--runs", type=int, default=5, help="independent trainer runs per side")
+    ap.add_argument("--steps", type=int, default=20, help="train steps per run")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each run")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each run")
+    ap.add_argument("--baseline", default=None, metavar="REV", help="also measure this git revision, alternating")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="config overrides (key=value), with --config")
     args = ap.parse_args()
-
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(args.config, [f"train.out_dir={out}", f"train.steps={args.steps}",
-                                        "train.eval_interval=0", "checkpoint.save_final=false",
-                                        "logging.progress=false", *args.overrides])
-        trainer = Trainer(cfg)
-        records = [trainer.train_step() for _ in range(args.steps)]
-    timed = records[args.warmup:]
-    tps = sorted(r["tokens_per_s"] for r in timed)
-    step_ms = sorted(1e3 * r["step_time_s"] for r in timed)
-    q = statistics.quantiles(tps, n=10)
-    device = torch.cuda.get_device_name() if trainer.device.type == "cuda" else platform.processor() or "cpu"
-    print(f"config {args.config} {' '.join(args.overrides)}")
-    print(f"device {trainer.device} ({device}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}")
-    print(f"model {trainer.model.num_params() / 1e6:.2f}M params, {cfg.train.global_batch_size} x "
-          f"{cfg.data.seq_len} tokens/step, dtype {trainer.compute_dtype or torch.float32}")
-    print()
-    print("| metric | median | p10 | p90 |")
-    print("|---|---|---|---|")
-    print(f"| tokens/s | {statistics.median(tps):,.0f} | {q[0]:,.0f} | {q[-1]:,.0f} |")
-    sq = statistics.quantiles(step_ms, n=10)
-    print(f"| step time (ms) | {statistics.median(step_ms):.1f} | {sq[0]:.1f} | {sq[-1]:.1f} |")
-    print(f"\nloss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f} over {args.steps} steps "
-          f"({len(timed)} timed)")
+    if args.warmup >= args.steps:
+        ap.error("--warmup must be below --steps")
+    if args.worker:
+        worker(args)
+        return
+    if args.config is None and args.overrides:
+        ap.error("overrides need --config")
+    configs = PRESETS if args.config is None else [(args.config, args.overrides)]
+    print(f"machine: {machine()} (before the runs); python {platform.python_version()}")
+    print(f"command: python {' '.join([str(Path(sys.argv[0])), *sys.argv[1:]])}")
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(baseline_worktree(args.baseline)) if args.baseline else None
+        for config, overrides in configs:
+            run_config(config, overrides, args, base)
 
 
 if __name__ == "__main__":
