@@ -17,7 +17,8 @@ optimizers and ignored):
 * ``betas``: two AdamW betas (default ``[0.9, 0.95]``), ``eps`` (default 1e-8).
 * ``fused``: ``true`` / ``false`` / ``null``; null picks the fused kernel only when every parameter
   is on CUDA, where it is fastest; on CPU the reference loop is kept.
-* ``muon`` also reads ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton`` (optim/muon.py).
+* ``muon`` also reads ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton``, ``ns_method``,
+  ``ns_gram`` (optim/muon.py).
 * ``offload``: ``none`` / ``cpu`` (parameters, gradients and optimizer state in host memory; AdamW groups step on
   DeepSpeed's CPU kernel, optim/host_adam.py).
 """

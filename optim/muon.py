@@ -16,12 +16,12 @@ normalization removes, so the two agree to float rounding (not bit for bit; test
 tolerance), and their momentum buffers differ by that factor.
 
 Param groups carry ``use_muon``: True groups run Muon (keys ``lr``, ``weight_decay``, ``momentum``,
-``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton``; state ``momentum_buffer``), False groups run AdamW through
-``torch.optim.adamw.adamw``, the functional PyTorch's own ``AdamW.step`` calls, with the same arguments and
-the same state (``step``, ``exp_avg``, ``exp_avg_sq``), so they are bitwise ``torch.optim.AdamW`` in every
-mode it picks (for-loop on CPU, foreach on CUDA, fused when asked; all three tested on CPU). One optimizer
-therefore serves the trainer's single LR scheduler, ``state_dict`` / ``load_state_dict`` and
-torch.distributed.checkpoint.
+``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton``, ``ns_method``, ``ns_gram``; state
+``momentum_buffer``), False groups run AdamW through ``torch.optim.adamw.adamw``, the functional PyTorch's own
+``AdamW.step`` calls, with the same arguments and the same state (``step``, ``exp_avg``, ``exp_avg_sq``), so
+they are bitwise ``torch.optim.AdamW`` in every mode it picks (for-loop on CPU, foreach on CUDA, fused when
+asked; all three tested on CPU). One optimizer therefore serves the trainer's single LR scheduler,
+``state_dict`` / ``load_state_dict`` and torch.distributed.checkpoint.
 
 Distribution hook: all Muon updates of a step (every Muon group with the same NS settings)
 go through one call ``orthogonalize(updates, ns)``, ``ns`` being the per-tensor NS function. The default
@@ -46,7 +46,7 @@ from torch.optim.adamw import adamw
 
 from optim.host_adam import HostAdam
 from optim.hparams import adamw_hparams, param_group_dicts, resolve_fused
-from optim.newton_schulz import NS_STEPS, zeropower_via_newtonschulz5
+from optim.newton_schulz import NS_METHODS, NS_STEPS, orthogonalize_batched, zeropower_via_newtonschulz5
 from optim.param_groups import ParamGroups
 
 NSFn = Callable[[Tensor], Tensor]
@@ -70,6 +70,8 @@ MUON_DEFAULTS: dict[str, Any] = {
     "ns_steps": NS_STEPS,
     "ns_dtype": "auto",
     "ns_triton": "auto",
+    "ns_method": "muon",
+    "ns_gram": False,
 }
 """Config keys the ``muon`` factory reads besides the AdamW ones (lr, weight_decay, betas, eps, fused),
 with the values used when a key is missing or null."""
@@ -85,15 +87,18 @@ def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
 
 
 def local_orthogonalize(updates: list[Tensor], ns: NSFn) -> list[Tensor]:
-    """The single-process :data:`OrthogonalizeFn`: ``ns`` on every update, here."""
-    return [ns(u) for u in updates]
+    """The single-process :data:`OrthogonalizeFn`: ``ns`` on every update, here, the updates of one matrix shape
+    stacked into one batched call (:func:`optim.newton_schulz.orthogonalize_batched`)."""
+    return orthogonalize_batched(updates, ns)
 
 
-def ns_function(steps: int, ns_dtype: str, ns_triton: bool | str = "auto") -> NSFn:
-    """The per-tensor NS function for a group's ``ns_steps`` / ``ns_dtype`` / ``ns_triton`` (the ``"auto"``
-    values are resolved per tensor, by the NS function, where the device is known)."""
+def ns_function(steps: int, ns_dtype: str, ns_triton: bool | str = "auto", ns_method: str = "muon",
+                ns_gram: bool = False) -> NSFn:
+    """The per-tensor NS function for a group's ``ns_steps`` / ``ns_dtype`` / ``ns_triton`` / ``ns_method`` /
+    ``ns_gram`` (the ``"auto"`` values are resolved per tensor, by the NS function, where the device is known)."""
     dtype = "auto" if ns_dtype == "auto" else NS_DTYPES[ns_dtype]
-    return functools.partial(zeropower_via_newtonschulz5, steps=steps, dtype=dtype, triton=ns_triton)
+    return functools.partial(zeropower_via_newtonschulz5, steps=steps, dtype=dtype, triton=ns_triton,
+                             method=ns_method, gram=ns_gram)
 
 
 def _ns_dtype_name(value: Any) -> str:
@@ -115,7 +120,10 @@ class Muon(torch.optim.Optimizer):
     Keyword defaults fill the keys a group leaves out: ``lr`` and ``weight_decay`` for both kinds;
     ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype`` (``"auto"``, the default, or a :data:`NS_DTYPES`
     name or torch dtype; stored as the name), ``ns_triton`` (``"auto"``, True, False: NS's symmetric products
-    on the Triton kernel, see optim/newton_schulz.py) for Muon groups; ``betas``, ``eps``,
+    on the Triton kernel, see optim/newton_schulz.py), ``ns_method`` (``"muon"``, the default: torch.optim.Muon's
+    fixed coefficients; ``"polar_express"``: per-step ones, same cost, singular values closer to 1) and ``ns_gram``
+    (False, the default; True: the Gram form on matrices at least twice as wide as tall, the same polynomial in
+    fewer FLOPs; see optim/newton_schulz.py) for Muon groups; ``betas``, ``eps``,
     ``amsgrad``, ``maximize``, ``foreach``, ``fused`` for AdamW groups (as ``torch.optim.AdamW``).
     Muon parameters must have at least 2 dims (the last two are the matrix; leading dims are a batch
     of independent matrices). ``orthogonalize``: see the module docstring; default
@@ -132,6 +140,8 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = NS_STEPS,
         ns_dtype: str | torch.dtype = "auto",
         ns_triton: bool | str = "auto",
+        ns_method: str = "muon",
+        ns_gram: bool = False,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         *,
@@ -149,6 +159,8 @@ class Muon(torch.optim.Optimizer):
             "ns_steps": ns_steps,
             "ns_dtype": ns_dtype,
             "ns_triton": ns_triton,
+            "ns_method": ns_method,
+            "ns_gram": ns_gram,
         }
         self._adamw_defaults = {
             "betas": tuple(betas),
@@ -242,10 +254,13 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, groups: list[dict[str, Any]]) -> None:
         # 1. momentum and the NS input of every Muon parameter with a gradient, bucketed by NS settings
         #    so that each bucket is orthogonalized in one call (one owner assignment when distributed).
-        buckets: dict[tuple[int, str, bool | str], list[tuple[dict[str, Any], Tensor, Tensor]]] = {}
+        #    Elementwise work as torch._foreach_* over each group's tensors: the same per-element operations
+        #    as the per-tensor methods (bitwise), without a Python loop of small ops.
+        buckets: dict[tuple, list[tuple[dict[str, Any], Tensor, Tensor]]] = {}
         for group in groups:
             mu, nesterov = group["momentum"], group["nesterov"]
-            key = (group["ns_steps"], group["ns_dtype"], group["ns_triton"])
+            key = (group["ns_steps"], group["ns_dtype"], group["ns_triton"], group["ns_method"], group["ns_gram"])
+            params, grads, bufs = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -257,13 +272,18 @@ class Muon(torch.optim.Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(grad)
-                update = grad.add(buf, alpha=mu) if nesterov else buf
-                buckets.setdefault(key, []).append((group, p, update))
+                params.append(p)
+                grads.append(grad)
+                bufs.append(state["momentum_buffer"])
+            for idx in _foreach_lists(params):
+                ps, gs, ms = [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx]
+                torch._foreach_mul_(ms, mu)  # M <- mu M + G
+                torch._foreach_add_(ms, gs)
+                updates = torch._foreach_add(gs, ms, alpha=mu) if nesterov else ms
+                buckets.setdefault(key, []).extend(zip([group] * len(ps), ps, updates, strict=True))
         # 2. orthogonalize, 3. decoupled weight decay and the scaled update.
-        for (ns_steps, ns_dtype, ns_triton), items in buckets.items():
-            ns = ns_function(ns_steps, ns_dtype, ns_triton)
+        for (ns_steps, ns_dtype, ns_triton, ns_method, ns_gram), items in buckets.items():
+            ns = ns_function(ns_steps, ns_dtype, ns_triton, ns_method, ns_gram)
             updates = [u for _, _, u in items]
             if self.ns_device is not None:  # offloaded state: Newton–Schulz (and its exchanges) on the accelerator
                 updates = [u.to(self.ns_device, non_blocking=True) for u in updates]
@@ -273,10 +293,17 @@ class Muon(torch.optim.Optimizer):
                 torch.cuda.current_stream(self.ns_device).synchronize()
             if len(outs) != len(items):
                 raise RuntimeError(f"orthogonalize returned {len(outs)} tensors for {len(items)} updates")
+            # W <- W (1 - lr wd) - lr scale O: one foreach call per distinct (lr, wd, scale), so that each element
+            # sees exactly the per-tensor p.mul_(1 - lr wd); p.add_(o, alpha=-lr scale).
+            by_factors: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
             for (group, p, _), o in zip(items, outs, strict=True):
                 lr, wd = group["lr"], group["weight_decay"]
-                p.mul_(1 - lr * wd)
-                p.add_(o, alpha=-(lr * muon_scale(p.shape)))
+                ps, os_ = by_factors.setdefault((1 - lr * wd, -(lr * muon_scale(p.shape)), _foreach_key(p)), ([], []))
+                ps.append(p)
+                os_.append(o)
+            for (decay, alpha, _), (ps, os_) in by_factors.items():
+                torch._foreach_mul_(ps, decay)
+                torch._foreach_add_(ps, os_, alpha=alpha)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         """``torch.optim.AdamW.step`` for one group: its lazy state init, then the same functional call."""
@@ -345,6 +372,21 @@ class Muon(torch.optim.Optimizer):
         )
 
 
+def _foreach_key(t: Tensor) -> tuple:
+    """Tensors that may share one torch._foreach_* call: same kind and device, and for DTensors the same mesh
+    (DTensor refuses lists that span meshes, e.g. dense matrices on "dp" and expert stacks on the EP mesh)."""
+    mesh = getattr(t, "device_mesh", None)
+    return type(t), t.device, None if mesh is None else id(mesh)
+
+
+def _foreach_lists(tensors: list[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` split by :func:`_foreach_key`, each list in the original order."""
+    lists: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        lists.setdefault(_foreach_key(t), []).append(i)
+    return list(lists.values())
+
+
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (the storage the kernel updates in place), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -387,8 +429,8 @@ def _check_lr_wd(group: dict[str, Any]) -> None:
 
 
 def muon_hparams(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validated ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton`` from ``cfg`` (missing or
-    null keys take :data:`MUON_DEFAULTS`); a bad value raises ``ValueError`` naming the key."""
+    """Validated ``momentum``, ``nesterov``, ``ns_steps``, ``ns_dtype``, ``ns_triton``, ``ns_method``, ``ns_gram``
+    from ``cfg`` (missing or null keys take :data:`MUON_DEFAULTS`); a bad value raises ``ValueError`` naming the key."""
     out = {}
     for key, default in MUON_DEFAULTS.items():
         value = cfg.get(key, None) if cfg is not None else None
@@ -411,6 +453,10 @@ def _normalize_muon_hparams(d: dict[str, Any]) -> None:
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
     d["ns_steps"] = int(steps)
     d["ns_dtype"] = _ns_dtype_name(d["ns_dtype"])
+    if d["ns_method"] not in NS_METHODS:
+        raise ValueError(f"ns_method must be one of {', '.join(NS_METHODS)}, got {d['ns_method']!r}")
+    if not isinstance(d["ns_gram"], bool):
+        raise ValueError(f"ns_gram must be true or false, got {d['ns_gram']!r}")
     ns_triton = d["ns_triton"]
     if ns_triton != "auto" and not isinstance(ns_triton, bool):
         raise ValueError(f"ns_triton must be auto, true or false, got {ns_triton!r}")

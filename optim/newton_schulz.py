@@ -28,6 +28,14 @@ bitwise torch.optim.Muon's. ``triton="auto"`` takes the kernel on a CUDA GPU (sm
 and PyTorch's products otherwise (always on CPU); ``True`` / ``False`` force the choice (``True`` on a CPU
 tensor runs Triton's interpreter, which needs ``TRITON_INTERPRET=1``: the tests do this). The optimizer
 passes the config's ``optim.ns_triton`` here.
+
+Two opt-in variants (config ``optim.ns_method`` / ``optim.ns_gram``, both off by default, so the default stays
+torch.optim.Muon's iteration): ``method="polar_express"`` changes the coefficients per step
+(:data:`POLAR_EXPRESS_COEFFICIENTS`: same cost, singular values much closer to 1), and ``gram=True`` runs
+matrices at least :data:`GRAM_MIN_ASPECT` times wider than tall in the Gram form (:func:`_gram_iterations`:
+the same polynomial on the small Gram matrix, fewer FLOPs). :func:`orthogonalize_batched` hands every group of
+same-shape matrices of a step to this function as one ``[B, n, m]`` stack; the optimizer's local path and the
+owners of optim/distributed_ns.py both call it, so every path runs this one function.
 """
 
 from __future__ import annotations
@@ -43,6 +51,44 @@ NS_STEPS = 5
 NS_EPS = 1e-7
 """Lower clamp of the Frobenius norm (as torch.optim.Muon), so an all-zero update stays zero, not NaN."""
 
+POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
+    (8.386894, -24.371315, 17.726415),  # [0.001, 1.01]  -> [0.0084, 1.9916]
+    (4.143016, -3.018622, 0.552651),  # -> [0.0347, 1.9653]
+    (3.931203, -2.874124, 0.536723),  # -> [0.1365, 1.8635]
+    (3.282834, -2.416580, 0.486534),  # -> [0.4419, 1.5581]
+    (2.285007, -1.632388, 0.403069),  # -> [0.8756, 1.1244]
+    (1.882282, -1.248533, 0.366556),  # -> [0.9986, 1.0014]
+    (1.865378, -1.230820, 0.365442),  # -> [1.0000, 1.0000]; later steps repeat this one
+)
+"""Per-step quintic coefficients (a, b, c) for ``method="polar_express"`` (the greedy minimax idea of Amsel,
+Persson, Musco and Gower, "The Polar Express", 2025; these numbers derived here, not taken from their code):
+step k's odd quintic ``p_k`` minimizes ``max |1 - p_k(x)|`` over ``[l_k, 1.01 u_k]``, where ``[l_0, u_0] =
+[1e-3, 1]`` and ``[l_{k+1}, u_{k+1}]`` is the image of step k's interval (the comments). The 1% margin keeps a
+singular value that rounding puts slightly above the interval from blowing up in the next step. Each step's
+polynomial depends only on the steps before it, so the table serves any ``ns_steps`` (steps past its end repeat
+its last row). Derived by a linear program on a grid (scipy.optimize.linprog; tests/test_muon.py re-derives
+the first rows when scipy is installed). After 5 steps every singular value in ``[1e-3, 1]`` of the norm is in
+[0.876, 1.124], against [0.68, 1.20] (of those above 2e-3) for the fixed quintic."""
+
+NS_METHODS = ("muon", "polar_express")
+"""``method`` values: ``"muon"`` (the default: :data:`NS_COEFFICIENTS` at every step, torch.optim.Muon's
+iteration) and ``"polar_express"`` (:data:`POLAR_EXPRESS_COEFFICIENTS`, same cost per step)."""
+
+GRAM_MIN_ASPECT = 2
+"""``gram=True`` runs the Gram form on matrices with ``max(n, m) >= GRAM_MIN_ASPECT * min(n, m)``: with
+``r = max/min``, 5 steps of the usual form cost ``(20 r + 10) n³`` multiply-adds x2 and the Gram form
+``(4 r + 34) n³``, so it pays from r = 1.5 on (r = 2: 0.84x, r = 3: 0.66x, r = 4: 0.56x)."""
+
+
+def ns_coefficients(method: str, steps: int) -> list[tuple[float, float, float]]:
+    """The ``steps`` per-step coefficients (a, b, c) of ``method`` (:data:`NS_METHODS`)."""
+    if method == "muon":
+        return [NS_COEFFICIENTS] * steps
+    if method == "polar_express":
+        table = POLAR_EXPRESS_COEFFICIENTS
+        return [table[min(k, len(table) - 1)] for k in range(steps)]
+    raise ValueError(f"method must be one of {', '.join(NS_METHODS)}, got {method!r}")
+
 
 def zeropower_via_newtonschulz5(
     G: torch.Tensor,
@@ -50,11 +96,17 @@ def zeropower_via_newtonschulz5(
     eps: float = NS_EPS,
     dtype: torch.dtype | str = "auto",
     triton: bool | str = "auto",
+    method: str = "muon",
+    gram: bool = False,
 ) -> torch.Tensor:
     """Approximately orthogonalize ``G`` (``[n, m]`` or a batch ``[..., n, m]`` of independent
     matrices) by ``steps`` quintic Newton–Schulz iterations computed in ``dtype`` (a torch dtype, or
     ``"auto"``: :func:`resolve_dtype`), the symmetric products on the Triton kernel when ``triton`` says so
-    (``"auto"``, ``True`` or ``False``: see the module docstring).
+    (``"auto"``, ``True`` or ``False``: see the module docstring). ``method`` picks the per-step
+    coefficients (:func:`ns_coefficients`: ``"muon"``, the default, is torch.optim.Muon's fixed quintic;
+    ``"polar_express"`` the per-step ones); ``gram=True`` runs matrices at least :data:`GRAM_MIN_ASPECT` times
+    wider than tall in the Gram form (:func:`_gram_iterations`: the same polynomial, fewer FLOPs). Both are
+    opt-in; the defaults are the exact operations described in the module docstring.
 
     Returns a new tensor of ``G``'s shape and dtype (``G`` itself is never modified): ``U p(S) Vᵀ``
     where ``G = U S Vᵀ`` per matrix and ``p`` is the iterated polynomial applied to ``S / ||G||_F``.
@@ -63,7 +115,7 @@ def zeropower_via_newtonschulz5(
         raise ValueError(f"Newton–Schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    a, b, c = NS_COEFFICIENTS
+    coefficients = ns_coefficients(method, steps)
     n, m = G.shape[-2], G.shape[-1]
     dtype = resolve_dtype(dtype, G.device)
     # A matrix stays 2-D: torch.optim.Muon's exact ops (mm, addmm, one norm), hence its result bit for bit.
@@ -73,15 +125,51 @@ def zeropower_via_newtonschulz5(
         X = X.mT
     norm = X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
     X = X / norm.clamp(min=eps)
-    gram, poly = _products(X, triton)
+    gram_fn, poly = _products(X, triton)
     addmm = torch.addmm if X.ndim == 2 else torch.baddbmm
-    for _ in range(steps):
-        A = gram(X)  # X Xᵀ
-        B = poly(A, b, c)  # b A + c A²
-        X = addmm(X, B, X, beta=a)  # a X + B X
+    if gram and steps > 0 and max(n, m) >= GRAM_MIN_ASPECT * min(n, m):
+        if X.element_size() < 4:  # the squared spectrum needs float32 at least (see _gram_iterations)
+            X = X.float()
+            gram_fn, poly = _products(X, triton)
+        X = _gram_iterations(X, coefficients, gram_fn, poly).to(dtype)
+    else:
+        for a, b, c in coefficients:
+            A = gram_fn(X)  # X Xᵀ
+            B = poly(A, b, c)  # b A + c A²
+            X = addmm(X, B, X, beta=a)  # a X + B X
     if n > m:
         X = X.mT
     return X.reshape(G.shape).to(G.dtype)
+
+
+def _gram_iterations(X: torch.Tensor, coefficients: list[tuple[float, float, float]], gram: Gram,
+                     poly: Poly) -> torch.Tensor:
+    """The NS steps on a wide ``X`` (``[n, m]`` or ``[B, n, m]``, ``n`` well below ``m``, already normalized),
+    computed on ``n x n`` matrices only. Each step maps ``X <- P X`` with ``P = a I + b A + c A²`` a polynomial
+    in ``A = X Xᵀ``, so after k steps ``X_k = Q_k X_0`` with ``Q_k = P_{k-1} ... P_0``, and since ``P`` commutes
+    with ``A``, the next Gram matrix is ``A_{k+1} = P A Pᵀ = A P²``: the iteration never touches the long side
+    except for ``A_0 = X_0 X_0ᵀ`` and the final ``Q X_0``. Per step ``A²`` (``poly``), ``A P`` and ``(A P) P``
+    (not after the last step) and ``P Q`` (not at the first), all ``n x n``; ``A`` is re-symmetrized after each
+    update (``(A + Aᵀ) / 2``) so that rounding does not accumulate an antisymmetric part. The same polynomial as
+    the usual form, hence the same singular values up to rounding (tests/test_muon.py compares both, and a
+    float64 reference, on ill-conditioned inputs).
+
+    Rounding acts on ``A``, i.e. on squared singular values: float32's ~1e-7 of ``||A||`` is ~3e-4 of the norm
+    in singular-value terms, so directions below that come out noisier than in the usual form (relative error of
+    the whole result, float32, measured 1e-6 on random inputs and up to 9e-4 on cond-1e4..1e8 inputs, against
+    ~1e-5 for the usual form). In bfloat16 the small directions are lost and the error explodes (1e1..1e7 in the
+    same measurement), so the caller runs this in float32 at least."""
+    A = gram(X)
+    Q = None
+    last = len(coefficients) - 1
+    for k, (a, b, c) in enumerate(coefficients):
+        P = poly(A, b, c)  # b A + c A²
+        P.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
+        Q = P if Q is None else P @ Q
+        if k < last:
+            A = (A @ P) @ P
+            A = (A + A.mT) * 0.5
+    return Q @ X
 
 
 def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
@@ -140,11 +228,37 @@ def _kernels():
     return triton_ns
 
 
-def ns_polynomial(s: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
-    """The scalar map the iteration applies to each normalized singular value, ``p`` composed
-    ``steps`` times (for tests and analysis: ``svdvals(NS(G)) == ns_polynomial(svdvals(G) / ||G||_F)``
-    up to rounding)."""
-    a, b, c = NS_COEFFICIENTS
-    for _ in range(steps):
+def ns_polynomial(s: torch.Tensor, steps: int = NS_STEPS, method: str = "muon") -> torch.Tensor:
+    """The scalar map the iteration applies to each normalized singular value, the step polynomials
+    composed ``steps`` times (for tests and analysis: ``svdvals(NS(G)) == ns_polynomial(svdvals(G) /
+    ||G||_F)`` up to rounding)."""
+    for a, b, c in ns_coefficients(method, steps):
         s = a * s + b * s**3 + c * s**5
     return s
+
+
+def orthogonalize_batched(updates: list[torch.Tensor], ns: Callable[[torch.Tensor], torch.Tensor]
+                          ) -> list[torch.Tensor]:
+    """``[ns(u) for u in updates]`` with every group of plain tensors of the same matrix shape ``[n, m]``, dtype
+    and device orthogonalized in ONE call on their stack ``[B, n, m]`` (a ``[E, n, m]`` expert stack counts
+    ``E``): one batched NS instead of B small ones (fewer launches on a GPU; on a CPU the per-matrix products
+    dominate and it is about even). A shape that occurs once is passed as it is (a matrix keeps the exact 2-D
+    path). ``ns`` must treat leading dims as a batch of independent matrices, as
+    :func:`zeropower_via_newtonschulz5` does; on the CPUs tested here ``bmm`` gives the same bits as ``mm``
+    per matrix (tests/test_muon.py asserts it to 1e-6). Subclasses (a DTensor) are passed one by one."""
+    out: list[torch.Tensor | None] = [None] * len(updates)
+    groups: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        if type(u) is not torch.Tensor or u.ndim < 2 or u.numel() == 0:
+            out[i] = ns(u)
+        else:
+            groups.setdefault((tuple(u.shape[-2:]), u.dtype, u.device), []).append(i)
+    for (shape, _, _), idx in groups.items():
+        if len(idx) == 1:
+            out[idx[0]] = ns(updates[idx[0]])
+            continue
+        flat = [updates[i].reshape(-1, *shape) for i in idx]
+        res = ns(torch.cat(flat))
+        for i, piece in zip(idx, res.split([f.shape[0] for f in flat]), strict=True):
+            out[i] = piece.reshape(updates[i].shape)
+    return out  # type: ignore[return-value]

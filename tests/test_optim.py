@@ -473,3 +473,21 @@ def test_resume_takes_the_schedule_from_the_current_config() -> None:
     opt3 = _opt(lr=0.5)
     build_lr_scheduler(opt3, SCHED_CFG, total_steps=20, last_step=15)
     assert opt3.param_groups[0]["lr"] == 0.5 * LRSchedule.from_config(SCHED_CFG, total_steps=20)(15)
+
+
+def test_config_ns_options_reach_the_muon_groups() -> None:
+    """optim.ns_method / optim.ns_gram (opt-in, default off) are validated with the run config and reach every
+    Muon group through build_optimizer; bad values name the key."""
+    import dataclasses
+
+    from train.config import ConfigError, load_config
+
+    cfg = load_config("configs/tiny.yaml", ["optim.name=muon", "optim.ns_method=polar_express", "optim.ns_gram=true"])
+    model = nn.Linear(8, 16)
+    opt = build_optimizer(model, dataclasses.asdict(cfg.optim))  # as train/trainer.py does
+    muon_groups = [g for g in opt.param_groups if g["use_muon"]]
+    assert muon_groups and all(g["ns_method"] == "polar_express" and g["ns_gram"] is True for g in muon_groups)
+    default = load_config("configs/tiny.yaml", ["optim.name=muon"]).optim
+    assert (default.ns_method, default.ns_gram) == ("muon", False)
+    with pytest.raises(ConfigError, match="optim.ns_method"):
+        load_config("configs/tiny.yaml", ["optim.ns_method=cubic"])

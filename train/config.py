@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from models.config import ConfigError, ModelConfig, unknown_key_message
 from optim.builder import registered_optimizers
 from optim.muon import NS_DTYPES
+from optim.newton_schulz import NS_METHODS
 from optim.schedules import DECAY_SHAPES, SCHEDULES, LRSchedule
 from parallel.mesh import ParallelDims
 from parallel.pipeline import SCHEDULES as PP_SCHEDULES
@@ -75,6 +76,8 @@ class OptimConfig:
     ns_steps: int = 5  # Newton-Schulz iterations
     ns_dtype: str = "auto"  # Newton-Schulz dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     ns_triton: str | bool = "auto"  # Newton-Schulz products on the Triton kernel: auto (CUDA + Triton) | true | false
+    ns_method: str = "muon"  # Newton-Schulz coefficients: muon (torch.optim.Muon's) | polar_express (opt-in)
+    ns_gram: bool = False  # opt-in: Newton-Schulz in the Gram form on matrices >= 2x wider than tall (fewer FLOPs)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     qk_clip_tau: float | None = 100.0  # QK-Clip threshold on per-head max attention logits; null disables
     # cpu: FSDP2 keeps sharded fp32 parameters, gradients and optimizer state in host memory; AdamW steps on
@@ -325,6 +328,8 @@ def validate(cfg: ExperimentConfig) -> None:
     one_of("optim.ns_dtype", o.ns_dtype, ("auto", *NS_DTYPES))
     need(o.ns_triton == "auto" or isinstance(o.ns_triton, bool), "optim.ns_triton",
          f"must be one of auto, true, false, got '{o.ns_triton}'")
+    one_of("optim.ns_method", o.ns_method, NS_METHODS)
+    need(isinstance(o.ns_gram, bool), "optim.ns_gram", f"must be true or false, got '{o.ns_gram}'")
     non_negative("optim.grad_clip", o.grad_clip, " (0 disables clipping)")
     if o.qk_clip_tau is not None:
         positive("optim.qk_clip_tau", o.qk_clip_tau)
