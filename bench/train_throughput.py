@@ -271,61 +271,67 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{fmt.format(med)} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
-def side_stats(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
-    ok = [r for r in runs if "error" not in r]
-    stats: dict[str, list[float]] = {"tokens_per_s": [r["tokens_per_s"] for r in ok],
-                                     "step_ms": [r["step_ms"] for r in ok]}
+def flat(run: dict[str, Any]) -> dict[str, float] | None:
+    """One run's figures by name (None for a failed run): tokens/s, step ms, each part's ms and % share, detail."""
+    if "error" in run:
+        return None
+    out = {"tokens_per_s": run["tokens_per_s"], "step_ms": run["step_ms"], **run["detail_ms"]}
     for part in PARTS:
-        stats[part] = [r["parts_ms"][part] for r in ok]
-        stats[part + "_share"] = [100 * r["parts_ms"][part] / r["step_ms"] for r in ok]
-    for name in DETAIL:
-        stats[name] = [r["detail_ms"][name] for r in ok]
-    return stats
+        out[part] = run["parts_ms"][part]
+        out[part + "_share"] = 100 * run["parts_ms"][part] / run["step_ms"]
+    return out
 
 
-def ratio(cur: list[float], base: list[float], fmt: str = "{:.2f}×") -> str:
-    if not cur or not base or statistics.median(base) == 0:
-        return "n/a"
-    return fmt.format(statistics.median(cur) / statistics.median(base))
+def paired_ratio(cur: list[dict[str, float] | None], base: list[dict[str, float] | None], key: str) -> str:
+    """current / baseline of the runs made next to each other (repeat i of both sides): median (min-max). Pairs
+    share the machine's load at the time, so their ratio is steadier than a ratio of medians on a busy host."""
+    ratios = [c[key] / b[key] for c, b in zip(cur, base, strict=False) if c and b and b[key] > 0]
+    return spread(ratios, "{:.2f}").replace(" (", "× (", 1) if len(ratios) > 1 else spread(ratios, "{:.2f}×")
+
+
+DETAIL_LABELS = ("attention fwd", "attention bwd", "MoE fwd", "MoE bwd", "optimizer step", "clip_grad_norm",
+                 "stats_reduce")
 
 
 def table(sides: list[tuple[str, list[dict[str, Any]]]]) -> str:
-    """The markdown tables for one config: one column per side, a ratio column when there are two."""
-    stats = [side_stats(runs) for _, runs in sides]
+    """The markdown tables for one config: one column per side, a paired-ratio column when there are two."""
+    runs = [[flat(r) for r in rs] for _, rs in sides]
+    vals = [{k: [f[k] for f in fs if f] for k in next((f for f in fs if f), {})} for fs in runs]
     two = len(sides) == 2
+
+    def col(i: int, key: str) -> list[float]:
+        return vals[i].get(key, [])
+
     head = "| | " + " | ".join(label for label, _ in sides) + (" | current / baseline |" if two else " |")
     sep = "|---" * (len(sides) + 1 + two) + "|"
-    lines = ["Median over runs (min–max); times are per step, shares of the step time.", "", head, sep]
+    lines = ["Median over runs (min–max). tokens/s: each run's median over its timed steps; times: each run's mean "
+             "per timed step, with its share of the step time.", "", head, sep]
 
-    def row(name: str, key: str, fmt: str, rfmt: str | None) -> None:
-        cells = [spread(s[key], fmt) for s in stats]
+    def row(name: str, cells: list[str], key: str, what: str) -> None:
         if two:
-            cells.append(ratio(stats[0][key], stats[1][key]) + (f" {rfmt}" if rfmt else ""))
+            cells = [*cells, f"{paired_ratio(runs[0], runs[1], key)} {what}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    row("tokens/s", "tokens_per_s", "{:,.0f}", "tokens/s")
-    row("step time (ms)", "step_ms", "{:.1f}", "time")
+    row("tokens/s", [spread(col(i, "tokens_per_s"), "{:,.0f}") for i in range(len(sides))], "tokens_per_s",
+        "tokens/s")
+    row("step time (ms)", [spread(col(i, "step_ms"), "{:.1f}") for i in range(len(sides))], "step_ms", "time")
     for part, label in zip(PARTS, ("attention", "MoE", "optimizer", "rest"), strict=True):
-        cells = [f"{spread(s[part], '{:.1f}')} ms, {spread(s[part + '_share'], '{:.1f}')}%" for s in stats]
-        if two:
-            cells.append(ratio(stats[0][part], stats[1][part]) + " time")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Detail (ms per step, median over runs): "
-              + "; ".join(f"{label}: " + " / ".join(spread(s[name], "{:.1f}") for s in stats)
-                          for name, label in zip(DETAIL, ("attention fwd", "attention bwd", "MoE fwd", "MoE bwd",
-                                                         "optimizer", "clip_grad_norm", "stats_reduce"), strict=True))
-              + (" (current / baseline)" if two else "")]
-    for label, runs in sides:
-        notes = sorted({n for r in runs for n in r.get("notes", [])})
-        errors = [r["error"] for r in runs if "error" in r]
-        ok = sum("error" not in r for r in runs)
-        lines.append(f"- {label}: {ok} of {len(runs)} runs measured"
+        row(label, [f"{spread(col(i, part), '{:.1f}')} ms, {spread(col(i, part + '_share'), '{:.1f}')}%"
+                    if col(i, part) else "n/a" for i in range(len(sides))], part, "time")
+    lines += ["", "Inside the parts (ms per step):", "", head, sep]
+    for name, label in zip(DETAIL, DETAIL_LABELS, strict=True):
+        row(label, [spread(col(i, name), "{:.1f}") for i in range(len(sides))], name, "time")
+    lines.append("")
+    for label, rs in sides:
+        notes = sorted({n for r in rs for n in r.get("notes", [])})
+        errors = [r["error"] for r in rs if "error" in r]
+        lines.append(f"- {label}: {len(rs) - len(errors)} of {len(rs)} runs measured"
                      + (f"; notes: {'; '.join(notes)}" if notes else ""))
         if errors:
             lines.append(f"  - failed: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
     if two:
-        lines.append("- ratios: current median / baseline median; time below 1.00× is faster, tokens/s above "
-                     "1.00× is faster. Compare them with the min–max spread of each side before calling a change.")
+        lines.append("- current / baseline: the ratio within each pair of runs made back to back, median (min–max) "
+                     "over the pairs; time below 1.00× is faster, tokens/s above 1.00× is faster.")
     return "\n".join(lines)
 
 
@@ -360,7 +366,8 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cpus, load average {load}"
 
 
-def run_config(config: str, overrides: list[str], args: argparse.Namespace, base: tuple[Path, str] | None) -> None:
+def run_config(config: str, overrides: list[str], args: argparse.Namespace,
+               base: tuple[Path, str] | None) -> dict[str, Any]:
     config_path = str((REPO / config).resolve()) if not Path(config).is_absolute() else config
     cur_label = f"current ({describe(REPO)})"
     sides: list[tuple[str, Path]] = [(cur_label, REPO)]
@@ -381,6 +388,7 @@ def run_config(config: str, overrides: list[str], args: argparse.Namespace, base
               f"dtype {first['dtype']}, {first['threads']} thread(s), torch {first['torch']}; {args.runs} runs per "
               f"side of {args.steps} steps, the first {args.warmup} untimed; {machine()} (after the runs)\n")
     print(table([(label, runs[label]) for label, _ in sides]))
+    return {"config": config, "overrides": overrides, "runs": runs}
 
 
 def main() -> None:
@@ -392,6 +400,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each run")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each run")
     ap.add_argument("--baseline", default=None, metavar="REV", help="also measure this git revision, alternating")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write every run's figures to PATH")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="config overrides (key=value), with --config")
     args = ap.parse_args()
@@ -407,8 +416,9 @@ def main() -> None:
     print(f"command: python {' '.join([str(Path(sys.argv[0])), *sys.argv[1:]])}")
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(baseline_worktree(args.baseline)) if args.baseline else None
-        for config, overrides in configs:
-            run_config(config, overrides, args, base)
+        results = [run_config(config, overrides, args, base) for config, overrides in configs]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
