@@ -34,8 +34,9 @@ torch.optim.Muon's iteration): ``method="polar_express"`` changes the coefficien
 (:data:`POLAR_EXPRESS_COEFFICIENTS`: same cost, singular values much closer to 1), and ``gram=True`` runs
 matrices at least :data:`GRAM_MIN_ASPECT` times wider than tall in the Gram form (:func:`_gram_iterations`:
 the same polynomial on the small Gram matrix, fewer FLOPs). :func:`orthogonalize_batched` hands every group of
-same-shape matrices of a step to this function as one ``[B, n, m]`` stack; the optimizer's local path and the
-owners of optim/distributed_ns.py both call it, so every path runs this one function.
+same-shape matrices of a step to this function as one ``[B, n, m]`` stack (the optimizer's single-process path);
+the owners of optim/distributed_ns.py call it once per tensor on the ``[k, n, m]`` matrices they own of it. Every
+path runs this one function.
 """
 
 from __future__ import annotations
@@ -237,15 +238,23 @@ def ns_polynomial(s: torch.Tensor, steps: int = NS_STEPS, method: str = "muon") 
     return s
 
 
-def orthogonalize_batched(updates: list[torch.Tensor], ns: Callable[[torch.Tensor], torch.Tensor]
-                          ) -> list[torch.Tensor]:
-    """``[ns(u) for u in updates]`` with every group of plain tensors of the same matrix shape ``[n, m]``, dtype
-    and device orthogonalized in ONE call on their stack ``[B, n, m]`` (a ``[E, n, m]`` expert stack counts
-    ``E``): one batched NS instead of B small ones (fewer launches on a GPU; on a CPU the per-matrix products
-    dominate and it is about even). A shape that occurs once is passed as it is (a matrix keeps the exact 2-D
-    path). ``ns`` must treat leading dims as a batch of independent matrices, as
-    :func:`zeropower_via_newtonschulz5` does; on the CPUs tested here ``bmm`` gives the same bits as ``mm``
-    per matrix (tests/test_muon.py asserts it to 1e-6). Subclasses (a DTensor) are passed one by one."""
+LOCAL_BATCH_NUMEL = 1 << 24
+"""Default bound of one stacked NS input in the single-process path (elements; 64 MiB of float32): a stack may
+hold at most ``max(LOCAL_BATCH_NUMEL, the largest single update)`` elements, so that batching never multiplies
+NS's working set (the stack and its 3-4 intermediates) on a large model."""
+
+
+def orthogonalize_batched(updates: list[torch.Tensor], ns: Callable[[torch.Tensor], torch.Tensor],
+                          max_numel: int = LOCAL_BATCH_NUMEL) -> list[torch.Tensor]:
+    """``[ns(u) for u in updates]`` with the plain tensors of the same matrix shape ``[n, m]``, dtype and device
+    orthogonalized together, one call on their stack ``[B, n, m]`` (a ``[E, n, m]`` expert stack counts ``E``):
+    one batched NS instead of B small ones (fewer launches on a GPU; on a CPU the per-matrix products dominate
+    and it is about even). A stack holds at most ``max(max_numel, largest update)`` elements (consecutive
+    tensors of the group fill it; ``max_numel=0``: never larger than the largest single input, i.e. no more NS
+    memory than unbatched). A tensor alone in its stack is passed as it is (a
+    matrix keeps the exact 2-D path). ``ns`` must treat leading dims as a batch of independent matrices, as
+    :func:`zeropower_via_newtonschulz5` does; on the CPUs tested here ``bmm`` gives the same bits as ``mm`` per
+    matrix (tests/test_muon.py asserts it to 1e-6). Subclasses (a DTensor) are passed one by one."""
     out: list[torch.Tensor | None] = [None] * len(updates)
     groups: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
@@ -253,12 +262,22 @@ def orthogonalize_batched(updates: list[torch.Tensor], ns: Callable[[torch.Tenso
             out[i] = ns(u)
         else:
             groups.setdefault((tuple(u.shape[-2:]), u.dtype, u.device), []).append(i)
+    cap = max([max_numel] + [updates[i].numel() for idx in groups.values() for i in idx])
     for (shape, _, _), idx in groups.items():
-        if len(idx) == 1:
-            out[idx[0]] = ns(updates[idx[0]])
-            continue
-        flat = [updates[i].reshape(-1, *shape) for i in idx]
-        res = ns(torch.cat(flat))
-        for i, piece in zip(idx, res.split([f.shape[0] for f in flat]), strict=True):
-            out[i] = piece.reshape(updates[i].shape)
+        stacks: list[list[int]] = []
+        size = cap + 1
+        for i in idx:
+            if size + updates[i].numel() > cap:
+                stacks.append([])
+                size = 0
+            stacks[-1].append(i)
+            size += updates[i].numel()
+        for stack in stacks:
+            if len(stack) == 1:
+                out[stack[0]] = ns(updates[stack[0]])
+                continue
+            flat = [updates[i].reshape(-1, *shape) for i in stack]
+            res = ns(torch.cat(flat))
+            for i, piece in zip(stack, res.split([f.shape[0] for f in flat]), strict=True):
+                out[i] = piece.reshape(updates[i].shape)
     return out  # type: ignore[return-value]

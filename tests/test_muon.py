@@ -226,6 +226,24 @@ def test_orthogonalize_batched_is_ns_per_tensor(dtype: torch.dtype) -> None:
         torch.testing.assert_close(o, zeropower_via_newtonschulz5(u, dtype=torch.float32), rtol=1e-6, atol=1e-6)
 
 
+def test_orthogonalize_batched_bounds_the_stack() -> None:
+    """A stack holds at most max(max_numel, the largest update) elements: consecutive same-shape tensors fill it;
+    max_numel=0 never hands NS more than its largest single input."""
+    ups = [randn(*sh, seed=360 + i) for i, sh in enumerate([(8, 12), (8, 12), (3, 8, 12), (8, 12), (8, 12)])]
+    for max_numel, expected in [(0, [(2, 8, 12), (3, 8, 12), (2, 8, 12)]), (5 * 96, [(5, 8, 12), (2, 8, 12)]),
+                                (10**6, [(7, 8, 12)])]:
+        calls: list[tuple[int, ...]] = []
+
+        def ns(u: torch.Tensor, calls: list = calls) -> torch.Tensor:
+            calls.append(tuple(u.shape))
+            return zeropower_via_newtonschulz5(u)
+
+        got = orthogonalize_batched(ups, ns, max_numel=max_numel)
+        assert calls == expected, max_numel
+        for u, o in zip(ups, got, strict=True):
+            torch.testing.assert_close(o, zeropower_via_newtonschulz5(u), rtol=1e-6, atol=1e-6)
+
+
 def test_polar_express_coefficients_are_the_derived_ones() -> None:
     """The table's documented property, in float64: step by step the image of [1e-3, 1.01] is the commented
     interval, and 5 steps put [1e-3, 1] in [0.875, 1.125] (the fixed quintic: [0.68, 1.21] of [2e-3, 1])."""
