@@ -1,27 +1,30 @@
-"""MoE layer forward+backward throughput: Chogori's grouped-GEMM `models.moe.MoE` against the per-expert
-Python loop that `transformers` runs for DeepSeek-V3 (`DeepseekV3MoE`, "eager" experts implementation).
+"""MoE layer forward+backward throughput: Chogori's `models.moe.MoE` against transformers' `DeepseekV3MoE`, the
+module a user would pick instead, with the experts implementation they would run (`grouped_mm` by default:
+transformers' own grouped-GEMM path; `--theirs eager` for its per-expert Python loop).
 
-    python bench/moe_layer.py --tokens 4096 --hidden 256 --active-ffn 512 --experts 8 64 384 --iters 5
+    python bench/moe_layer.py                       # the issue-18 sweep, one thread, ~2 min on a 2-core CPU
+    python bench/moe_layer.py --cases 384:8:fp32 --profile --memory
+    python bench/moe_layer.py --theirs eager --cases 8:2:fp32 64:8:fp32 384:8:fp32
 
-Both layers get the same config and the same weights (ours are copied into the HF module: router weight and
-correction bias, gate/up stacked into `gate_up_proj`, down, shared expert). Before timing, every case
-checks that the two agree to 1e-4 in float32 and prints it: output and input gradient in absolute terms,
-router / expert weight gradients (sums over many tokens) relative to their largest entry.
+A case is EXPERTS:TOP_K:DTYPE (fp32 or bf16). Every case has --tokens tokens in one sequence, hidden size
+--hidden, routed experts of width --expert-ffn and one shared expert of the same width; n_group = 1, the balance
+loss off (the HF module has none), so both layers do the same math. Both get the same weights (ours are copied
+into the HF module: router weight and correction bias, gate/up stacked into `gate_up_proj`, down, shared
+expert). A bare HF module has no experts implementation set, so the script sets the one asked for and checks
+that it is the one that runs.
 
-The sweep keeps the routed compute per token fixed while the experts get finer, as DeepSeek-V3 / Kimi K2 do:
-top-k x moe_intermediate_size = --active-ffn (512 by default), so E=8 runs top-2 experts of width 256 and
-E=64 / E=384 run top-8 of width 64; one shared expert of width moe_intermediate_size. Tokens are one batch
-of shape [1, tokens, hidden]. float32 on CPU, bfloat16 on CUDA. The balance loss is off (aux_loss_alpha=0)
-because the HF module has none, so both layers do the same math.
+Before timing, each case checks in float32 that the two layers agree: forward output to 1e-5, input gradient
+and router / expert weight gradients (relative to their largest entry) to 1e-4, and prints the differences.
 
-Timing: --warmup untimed iterations, then the median of --iters timed iterations (time.perf_counter, CUDA
-synchronized) of zero-grad + forward + backward with a fixed output gradient; torch's thread count is
-left at its default. The two layers' iterations alternate (ours, loop, ours, loop, ...) so that load from
-other processes hits both alike. On CPU the float32 check step runs the same modules, dtype and shapes,
-so it is the warmup (--warmup defaults to 0 there, to 1 on CUDA, where the check runs in float32): the
-loop at E=384 takes seconds per step. Each case also prints the median forward / backward split and, with
---profile, the top operators (self CPU time) of one profiled step of each layer (slow for the loop at
-E=384). The default sweep takes ~90 s on an idle 2-core CPU.
+Timing: --warmup untimed steps, then --iters timed steps of each layer, ours and theirs alternating step by
+step (so that load from other processes hits both alike); a step is zero-grad + forward + backward with a
+fixed output gradient. With one torch thread (the default, --threads 1) the clock is the thread's CPU time
+(`time.thread_time`: what this computation cost, not time spent descheduled while other processes ran), else
+wall time (CUDA synchronized). The ratio column is theirs / ours step time of each alternating pair: median
+[min..max] over the --iters pairs. --memory adds the peak bytes one fwd+bwd step allocates on top of what was
+allocated before it (CUDA: the allocator's peak; CPU: the profiler's allocation events in time order). --profile
+adds, from one profiled step of each layer, the share of the step spent outside the grouped GEMMs
+(`aten::_grouped_mm`, children included) and outside every GEMM (also the shared expert's `mm`), and the top ops.
 Benchmarks never fail a test run; record the output in docs/BENCHMARKS.md with the machine it ran on.
 """
 
@@ -41,19 +44,24 @@ from machine import cpu_model  # noqa: E402  (bench/ is the script directory)
 from models.config import ModelConfig  # noqa: E402
 from models.moe import MoE, _grouped_mm_ok  # noqa: E402
 
-TOL = 1e-4
+TOL, FWD_TOL = 1e-4, 1e-5
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_CASES = ["8:8:fp32", "64:8:fp32", "384:8:fp32", "8:2:fp32", "384:2:fp32", "64:8:bf16", "384:8:bf16"]
 
 
-def shapes(num_experts: int, active_ffn: int) -> tuple[int, int]:
-    """(top-k, moe_intermediate_size) with top-k x width = active_ffn: top-2 for E <= 8, else top-8."""
-    k = 2 if num_experts <= 8 else 8
-    if active_ffn % k:
-        raise SystemExit(f"--active-ffn {active_ffn} must be divisible by top-k {k}")
-    return k, active_ffn // k
+def parse_case(text: str) -> tuple[int, int, str]:
+    try:
+        experts, k, dtype = text.split(":")
+        if dtype not in DTYPES:
+            raise ValueError
+        return int(experts), int(k), dtype
+    except ValueError:
+        raise SystemExit(f"--cases: '{text}' is not EXPERTS:TOP_K:DTYPE with DTYPE in {sorted(DTYPES)}") from None
 
 
-def build(num_experts: int, hidden: int, k: int, inter: int, seed: int):
-    """Our MoE with random weights, and transformers' DeepseekV3MoE (eager experts loop) holding copies."""
+def build(num_experts: int, hidden: int, k: int, inter: int, seed: int, theirs: str):
+    """Our MoE with random weights, and transformers' DeepseekV3MoE holding copies, running the experts
+    implementation `theirs`."""
     from transformers import DeepseekV3Config
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3MoE
@@ -64,7 +72,7 @@ def build(num_experts: int, hidden: int, k: int, inter: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ours = MoE(cfg)
     with torch.no_grad():
-        for p in ours.parameters():  # 1/sqrt(fan_in): outputs O(1), so 1e-4 is a meaningful tolerance
+        for p in ours.parameters():  # 1/sqrt(fan_in): outputs O(1), so the tolerances are meaningful
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
         # a small non-zero correction bias, so the biased choice vs. unbiased gate weights is exercised
         ours.gate.e_score_correction_bias.copy_(0.01 * torch.randn(num_experts, generator=g))
@@ -73,14 +81,13 @@ def build(num_experts: int, hidden: int, k: int, inter: int, seed: int):
                             num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
                             routed_scaling_factor=cfg.routed_scaling_factor,
                             norm_topk_prob=cfg.norm_topk_prob, hidden_act="silu")
-    hcfg._experts_implementation = "eager"  # the per-expert Python loop (DeepseekV3Experts.forward)
+    hcfg._experts_implementation = theirs
     hf = DeepseekV3MoE(hcfg)
-    # `use_experts_implementation` dispatches through ALL_EXPERTS_FUNCTIONS; "eager" must resolve to the
-    # class's own loop, not to a grouped_mm / batched_mm kernel.
     loop_fn = DeepseekV3Experts.forward.__wrapped__
     resolved = ALL_EXPERTS_FUNCTIONS.get_interface(hf.experts.config._experts_implementation, loop_fn)
-    if resolved is not loop_fn:
-        raise SystemExit(f"experts implementation 'eager' resolved to {resolved}, not the per-expert loop")
+    # "eager" must resolve to the class's own loop, anything else to the kernel of that name
+    if (resolved is loop_fn) != (theirs == "eager") or (theirs != "eager" and theirs not in resolved.__name__):
+        raise SystemExit(f"experts implementation '{theirs}' resolved to {resolved.__qualname__}")
     with torch.no_grad():
         hf.gate.weight.copy_(ours.gate.weight)
         hf.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
@@ -88,8 +95,7 @@ def build(num_experts: int, hidden: int, k: int, inter: int, seed: int):
         hf.experts.down_proj.copy_(ours.experts.down_proj)
         for n in ("gate_proj", "up_proj", "down_proj"):
             getattr(hf.shared_experts, n).weight.copy_(getattr(ours.shared_experts, n).weight)
-    impl = f"{hf.experts.config._experts_implementation} ({resolved.__qualname__})"
-    return ours.train(), hf.train(), impl
+    return ours.train(), hf.train(), f"{theirs} ({resolved.__qualname__})"
 
 
 def run_ours(m: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -100,29 +106,21 @@ def run_hf(m, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
-def step(m, fn, x: torch.Tensor, grad: torch.Tensor, sync=None) -> tuple[torch.Tensor, float, float]:
-    """zero-grad + forward + backward; returns (output, forward s, backward s)."""
-    sync = sync or (lambda: None)
+def step(m, fn, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     m.zero_grad(set_to_none=True)
     x.grad = None
-    t0 = time.perf_counter()
     y = fn(m, x)
-    sync()
-    t1 = time.perf_counter()
     y.backward(grad)
-    sync()
-    return y, t1 - t0, time.perf_counter() - t1
+    return y
 
 
-def check(ours: MoE, hf, device: torch.device, tokens: int, hidden: int, seed: int) -> dict[str, float]:
-    """Max abs difference (float32) of output and input grad, max difference of the weight grads relative
-    to their largest entry; raises above TOL."""
+def check(ours: MoE, hf, tokens: int, hidden: int, seed: int) -> dict[str, float]:
+    """Float32 differences: output and input grad absolute, weight grads relative to their largest entry."""
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1, tokens, hidden, generator=g).to(device)
-    grad = torch.randn(1, tokens, hidden, generator=g).to(device)
+    x = torch.randn(1, tokens, hidden, generator=g)
+    grad = torch.randn(1, tokens, hidden, generator=g)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya = step(ours, run_ours, xa, grad)[0]
-    yb = step(hf, run_hf, xb, grad)[0]
+    ya, yb = step(ours, run_ours, xa, grad), step(hf, run_hf, xb, grad)
     e = ours.experts
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:  # weight grads sum over many tokens: scale-free
@@ -131,108 +129,162 @@ def check(ours: MoE, hf, device: torch.device, tokens: int, hidden: int, seed: i
     diff = {
         "out": (ya - yb).abs().max().item(),
         "dx": (xa.grad - xb.grad).abs().max().item(),
-        "dW_gate_up(rel)": rel(torch.cat([e.gate_proj.grad, e.up_proj.grad], dim=1),
-                               hf.experts.gate_up_proj.grad),
+        "dW_gate_up(rel)": rel(torch.cat([e.gate_proj.grad, e.up_proj.grad], dim=1), hf.experts.gate_up_proj.grad),
         "dW_down(rel)": rel(e.down_proj.grad, hf.experts.down_proj.grad),
         "dW_router(rel)": rel(ours.gate.weight.grad, hf.gate.weight.grad),
     }
-    bad = {k: v for k, v in diff.items() if not v <= TOL}
+    bad = {k: v for k, v in diff.items() if not v <= (FWD_TOL if k == "out" else TOL)}
     if bad:
-        raise SystemExit(f"ours and the HF loop disagree beyond {TOL}: {bad}")
+        raise SystemExit(f"ours and transformers disagree (out > {FWD_TOL}, others > {TOL}): {bad}")
     return diff
 
 
-def bench(layers: list, x: torch.Tensor, grad: torch.Tensor, warmup: int,
-          iters: int) -> list[list[tuple[float, ...]]]:
-    """For each (module, fn) in `layers`, (total, forward, backward) seconds of each timed iteration; the
-    layers take turns iteration by iteration."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else None
+def bench(layers: list, x: torch.Tensor, grad: torch.Tensor, warmup: int, iters: int,
+          clock) -> list[list[float]]:
+    """Seconds of each timed step, per layer; the layers take turns step by step."""
     for _ in range(warmup):
         for m, fn in layers:
-            step(m, fn, x, grad, sync)
-    times: list[list[tuple[float, ...]]] = [[] for _ in layers]
+            step(m, fn, x, grad)
+    times: list[list[float]] = [[] for _ in layers]
     for _ in range(iters):
         for (m, fn), ts in zip(layers, times, strict=True):
-            t0 = time.perf_counter()
-            _, fwd, bwd = step(m, fn, x, grad, sync)
-            ts.append((time.perf_counter() - t0, fwd, bwd))
+            t0 = clock()
+            step(m, fn, x, grad)
+            ts.append(clock() - t0)
     return times
 
 
-def summary(name: str, times: list[tuple[float, ...]]) -> str:
-    total, fwd, bwd = (statistics.median(t[i] for t in times) * 1e3 for i in range(3))
-    lo, hi = min(t[0] for t in times) * 1e3, max(t[0] for t in times) * 1e3
-    return f"{name} {total:.0f} ms [{lo:.0f}..{hi:.0f}] (fwd {fwd:.0f} + bwd {bwd:.0f})"
-
-
-def profile(m, fn, x: torch.Tensor, grad: torch.Tensor, label: str, rows: int = 6) -> None:
-    with torch.profiler.profile() as prof:
+def peak_bytes(m, fn, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """Peak bytes allocated during one step above what was allocated when it began."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         step(m, fn, x, grad)
-    print(f"  profile {label}, top {rows} ops by self CPU time:")
-    for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]:
-        print(f"    {e.key:<40} {e.self_cpu_time_total / 1e3:9.1f} ms  {e.count:6d} calls")
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(m, fn, x, grad)
+    # An op's own (net) allocations at its start; the frees the profiler records as "[memory]" events at theirs.
+    events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events() if e.name == "[memory]" or e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, b in events:
+        live += b
+        peak = max(peak, live)
+    return peak
+
+
+def gemm_shares(m, fn, x: torch.Tensor, grad: torch.Tensor, rows: int) -> tuple[float, float, list[str]]:
+    """(share of the step outside aten::_grouped_mm, share outside all GEMMs, top ops by self time) of one
+    profiled step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step(m, fn, x, grad)
+        total = (time.perf_counter() - t0) * 1e6
+    avg = {e.key: e for e in prof.key_averages()}
+    grouped = avg["aten::_grouped_mm"].cpu_time_total if "aten::_grouped_mm" in avg else 0.0
+    # mm / addmm outside a grouped GEMM: their self time minus what _grouped_mm's children took
+    plain = sum(avg[k].self_cpu_time_total for k in ("aten::mm", "aten::addmm", "aten::bmm") if k in avg)
+    inner = sum(c.self_cpu_time_total for e in prof.events() if e.name == "aten::_grouped_mm"
+                for c in e.cpu_children if c.name in ("aten::mm", "aten::addmm"))
+    gemm = grouped + plain - inner
+    top = [f"{e.key:<36} {e.self_cpu_time_total / 1e3:8.1f} ms {e.count:6d} calls"
+           for e in sorted(avg.values(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]]
+    return 1 - grouped / total, 1 - gemm / total, top
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="EXPERTS:TOP_K:DTYPE (fp32|bf16)")
+    ap.add_argument("--theirs", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"],
+                    help="transformers' experts implementation (default grouped_mm)")
+    ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--experts", type=int, nargs="+", default=[8, 64, 384])
-    ap.add_argument("--active-ffn", type=int, default=512,
-                    help="top-k x moe_intermediate_size, held fixed across --experts (default 512)")
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=None,
-                    help="untimed iterations per layer after the check step (default: 0 on CPU, 1 on CUDA)")
+    ap.add_argument("--expert-ffn", type=int, default=128, help="moe_intermediate_size (default 128)")
+    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 leaves torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--profile", action="store_true", help="also profile one step of each layer per case")
+    ap.add_argument("--memory", action="store_true", help="also the peak bytes of one fwd+bwd step per layer")
+    ap.add_argument("--profile", action="store_true", help="also the time outside the GEMMs, from a profiled step")
     args = ap.parse_args()
+    cases = [parse_case(c) for c in args.cases]
 
     import transformers
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.warmup is None:
-        args.warmup = 0 if device.type == "cpu" else 1
+    on_cpu_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    if on_cpu_thread:
+        clock, clock_name = time.thread_time, "thread CPU time"
+    else:
+        def clock() -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter()
+        clock_name = "wall time"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device {device} ({name}), {os.cpu_count()} cpus, torch {torch.__version__} "
-          f"(threads {torch.get_num_threads()}), transformers {transformers.__version__}, dtype "
-          f"{str(dtype).removeprefix('torch.')}")
+          f"(threads {torch.get_num_threads()}), transformers {transformers.__version__}, clock: {clock_name}")
     if hasattr(os, "getloadavg"):
         print("load average at start: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
-    print(f"tokens {args.tokens}, hidden {args.hidden}, top-k x moe_intermediate_size {args.active_ffn}, "
-          f"1 shared expert; untimed: the float32 check step + {args.warmup} warmup; median of {args.iters} "
-          "fwd+bwd iterations, ours and loop alternating\n")
+    print(f"tokens {args.tokens}, hidden {args.hidden}, expert width {args.expert_ffn}, 1 shared expert; theirs: "
+          f"DeepseekV3MoE, experts implementation {args.theirs}; {args.warmup} warmup + {args.iters} timed "
+          "fwd+bwd steps each, alternating\n")
 
     rows = []
-    for num_experts in args.experts:
-        k, inter = shapes(num_experts, args.active_ffn)
-        ours, hf, impl = build(num_experts, args.hidden, k, inter, args.seed)
-        ours.to(device), hf.to(device)
-        diff = check(ours, hf, device, args.tokens, args.hidden, args.seed)
+    for num_experts, k, dtype_name in cases:
+        dtype = DTYPES[dtype_name]
+        ours, hf, impl = build(num_experts, args.hidden, k, args.expert_ffn, args.seed, args.theirs)
+        diff = check(ours, hf, args.tokens, args.hidden, args.seed)
+        ours.to(device, dtype), hf.to(device, dtype)
         probe = torch.empty(1, args.hidden, dtype=dtype, device=device)
-        grouped = _grouped_mm_ok(probe, ours.experts.gate_proj.to(dtype))
-        kernel = "torch._grouped_mm" if grouped else "grouped_matmul loop fallback"
-        print(f"E={num_experts} top-{k} moe_intermediate_size={inter}: ours [{kernel}] vs transformers "
-              f"DeepseekV3MoE, experts implementation {impl}; float32 max |diff| "
-              + ", ".join(f"{n} {v:.1e}" for n, v in diff.items()) + f" (<= {TOL:g}: ok)")
-        ours.to(dtype), hf.to(dtype)
+        kernel = "torch._grouped_mm" if _grouped_mm_ok(probe, ours.experts.gate_proj) else "loop fallback"
+        print(f"E={num_experts} top-{k} {dtype_name}: ours [{kernel}] vs {impl}; float32 max |diff| "
+              + ", ".join(f"{n} {v:.1e}" for n, v in diff.items()) + " (ok)")
         g = torch.Generator().manual_seed(args.seed + 2)
         x = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype).requires_grad_(True)
         grad = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype)
-        t_ours, t_loop = bench([(ours, run_ours), (hf, run_hf)], x, grad, args.warmup, args.iters)
-        m_ours, m_loop = (statistics.median(t[0] for t in ts) for ts in (t_ours, t_loop))
-        print(f"  median [min..max]: {summary('ours', t_ours)}; {summary('loop', t_loop)}", flush=True)
+        layers = [(ours, run_ours), (hf, run_hf)]
+        t_ours, t_hf = bench(layers, x, grad, args.warmup, args.iters, clock)
+        ratios = sorted(b / a for a, b in zip(t_ours, t_hf, strict=True))
+        m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+        row = {"case": (num_experts, k, dtype_name), "ours": args.tokens / m_ours, "theirs": args.tokens / m_hf,
+               "ratio": statistics.median(ratios), "lo": ratios[0], "hi": ratios[-1]}
+        print(f"  step median ours {m_ours * 1e3:.0f} ms, theirs {m_hf * 1e3:.0f} ms; theirs/ours per pair "
+              f"{row['ratio']:.2f} [{row['lo']:.2f}..{row['hi']:.2f}]", flush=True)
+        if args.memory:
+            row["mem"] = tuple(peak_bytes(m, fn, x, grad) / 2**20 for m, fn in layers)
+            print(f"  peak MiB of one step: ours {row['mem'][0]:.1f}, theirs {row['mem'][1]:.1f}")
         if args.profile:
-            profile(ours, run_ours, x, grad, "ours")
-            profile(hf, run_hf, x, grad, "loop")
-        rows.append((num_experts, k, inter, args.tokens / m_ours, args.tokens / m_loop, m_loop / m_ours))
+            shares = [gemm_shares(m, fn, x, grad, 8) for m, fn in layers]
+            row["outside"] = tuple((s[0], s[1]) for s in shares)
+            for label, (grouped, gemm, top) in zip(("ours", "theirs"), shares, strict=True):
+                print(f"  {label}: {grouped:.0%} of the step outside the grouped GEMMs, {gemm:.0%} outside all GEMMs")
+                print("\n".join("    " + t for t in top))
+        rows.append(row)
         del ours, hf, x, grad
 
-    print("\n| experts | top-k | expert width | tokens | ours tok/s | loop tok/s | speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for e, k, inter, a, b, s in rows:
-        print(f"| {e} | {k} | {inter} | {args.tokens} | {a:,.0f} | {b:,.0f} | {s:.1f}x |")
+    head = "| experts | top-k | dtype | ours tok/s | theirs tok/s | theirs/ours time, median [min..max] |"
+    sep = "|---|---|---|---|---|---|"
+    if args.memory:
+        head, sep = head + " peak MiB ours / theirs |", sep + "---|"
+    if args.profile:
+        head, sep = head + " outside grouped GEMMs ours / theirs | outside all GEMMs ours / theirs |", sep + "---|---|"
+    print("\n" + head + "\n" + sep)
+    for r in rows:
+        e, k, dt = r["case"]
+        line = (f"| {e} | {k} | {dt} | {r['ours']:,.0f} | {r['theirs']:,.0f} | {r['ratio']:.2f}x "
+                f"[{r['lo']:.2f}..{r['hi']:.2f}] |")
+        if args.memory:
+            line += f" {r['mem'][0]:.1f} / {r['mem'][1]:.1f} |"
+        if args.profile:
+            (og, oa), (tg, ta) = r["outside"]
+            line += f" {og:.0%} / {tg:.0%} | {oa:.0%} / {ta:.0%} |"
+        print(line)
     if hasattr(os, "getloadavg"):
         print("\nload average at end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
 

@@ -98,15 +98,16 @@ def forced_balanced_routing(model: nn.Module) -> Iterator[None]:
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes these operands: it rejects other dtypes (e.g. float64) and rows
-    whose stride is not a multiple of 16 bytes (e.g. hidden 36 in fp32)."""
+    """Whether `torch._grouped_mm` takes these operands (x: [N, K]; w: [G, out, in], or [N, out] for a weight
+    gradient): it rejects other dtypes (e.g. float64) and rows whose stride is not a multiple of 16 bytes
+    (e.g. hidden 36 in fp32)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
     if x.dtype not in dtypes:
         return False
-    size = x.element_size()
-    return (x.shape[-1] * size) % 16 == 0 and (w.shape[1] * size) % 16 == 0
+    dims = [x.shape[-1], w.shape[-1]] + ([w.shape[-2]] if w.ndim == 3 else [])
+    return all(d * x.element_size() % 16 == 0 for d in dims)
 
 
 @torch.compiler.disable
@@ -116,23 +117,98 @@ def _grouped_mm_not_traced(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tenso
     return torch._grouped_mm(x, w_t, offs=offs)
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Row block g of `x` (counts[g] rows, blocks in order) times w[g].T; w is [G, out, in].
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None = None,
+                   transpose: bool = True) -> torch.Tensor:
+    """Row block g of `x` (counts[g] rows, blocks in order) times w[g].T (`transpose`: the forward of a layer
+    stored [G, out, in]) or times w[g] (not `transpose`: its input gradient). `offs`: the int32 cumulative
+    counts, when the caller has them already.
 
     One `torch._grouped_mm` call where this build has it (CUDA bf16 and CPU both do in torch >= 2.8) and
     the kernel accepts the operands (fp32/bf16/fp16 on CPU, bf16 on CUDA, rows 16-byte aligned);
     otherwise a loop over the groups, which is the same math.
     """
     if _grouped_mm_ok(x, w):
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        if x.dtype != torch.bfloat16:  # the CPU kernel takes fp32/fp16, but its compile-time shape rule wants bf16
-            return _grouped_mm_not_traced(x, w.transpose(-2, -1), offs)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        if not transpose and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # oneDNN's CPU bf16 GEMM is ~5x slower on an untransposed right operand (bench/moe_layer.py); a
+            # transposed copy of the weights costs far less. CUDA's grouped GEMM takes either layout as is.
+            w = w.transpose(-2, -1).contiguous().transpose(-2, -1)
+        return _grouped_mm(x, w.transpose(-2, -1) if transpose else w, _offsets(counts, offs))
     out, start = [], 0
     for g, n in enumerate(counts.tolist()):
-        out.append(x[start:start + n] @ w[g].t())
+        out.append(x[start:start + n] @ (w[g].t() if transpose else w[g]))
         start += n
-    return torch.cat(out) if out else x.new_zeros(0, w.shape[1])
+    return torch.cat(out) if out else x.new_zeros(0, w.shape[-2] if transpose else w.shape[-1])
+
+
+def grouped_weight_grad(dy: torch.Tensor, x: torch.Tensor, counts: torch.Tensor,
+                        offs: torch.Tensor | None = None) -> torch.Tensor:
+    """The [G, out, in] weight gradient of `grouped_matmul(x, w, counts)` given its output gradient `dy`:
+    block g is dy_g.T @ x_g, a contraction over group g's rows (zeros for a group without rows)."""
+    if _grouped_mm_ok(x, dy):
+        return _grouped_mm(dy.t(), x, _offsets(counts, offs))
+    out, start = [], 0
+    for n in counts.tolist():
+        out.append(dy[start:start + n].t() @ x[start:start + n])
+        start += n
+    return torch.stack(out) if out else dy.new_zeros(0, dy.shape[-1], x.shape[-1])
+
+
+def _offsets(counts: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+    return torch.cumsum(counts, 0, dtype=torch.int32) if offs is None else offs
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if a.dtype != torch.bfloat16:  # the CPU kernel takes fp32/fp16, but its compile-time shape rule wants bf16
+        return _grouped_mm_not_traced(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """The routed experts' SwiGLU per expert block g: y_g = (silu(x_g Wg_g^T) * (x_g Wu_g^T) * r) Wd_g^T.
+
+    Written out because autograd would keep silu(gate), the product and the scaled product for the backward and
+    run SiLU, the product and the scaling as separate passes both ways. This keeps only x and the two projections
+    (the rest is recomputed in the backward, elementwise) and applies the routing weight r to the [N, I]
+    activation rather than to the [N, H] output: the same sum, fewer bytes (I < H in every preset)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, counts, gate, up, down):  # type: ignore[override]
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        g = grouped_matmul(x, gate, counts, offs)
+        u = grouped_matmul(x, up, counts, offs)
+        h = F.silu(g).mul_(u)
+        if scale is not None:
+            h.mul_(scale.unsqueeze(-1).to(h.dtype))
+        ctx.save_for_backward(x, scale, counts, offs, gate, up, down, g, u)
+        return grouped_matmul(h, down, counts, offs)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, scale, counts, offs, gate, up, down, g, u = ctx.saved_tensors
+        dy = dy.contiguous()
+        # Intermediates are dropped as soon as they are used: the weight gradients pile up through the backward,
+        # so the peak is set by what is still alive beside the last of them.
+        silu = F.silu(g)
+        act = silu * u
+        h = act if scale is None else act * scale.unsqueeze(-1).to(act.dtype)
+        d_down = grouped_weight_grad(dy, h, counts, offs)
+        del h
+        dh = grouped_matmul(dy, down, counts, offs, transpose=False)
+        d_scale = None
+        if scale is not None:
+            if ctx.needs_input_grad[1]:
+                d_scale = torch.linalg.vecdot(dh, act).to(scale.dtype)
+            dh.mul_(scale.unsqueeze(-1).to(dh.dtype))
+        del act
+        du = dh.mul(silu)
+        del silu
+        dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
+        del dh
+        dx = grouped_matmul(dg, gate, counts, offs, transpose=False)
+        dx.add_(grouped_matmul(du, up, counts, offs, transpose=False))
+        d_gate = grouped_weight_grad(dg, x, counts, offs)
+        del dg
+        return dx, d_scale, None, d_gate, grouped_weight_grad(du, x, counts, offs), d_down
 
 
 class GroupedExperts(nn.Module):
@@ -146,14 +222,14 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [N, H] token copies sorted by expert; counts: [E_local] rows per expert -> [N, H].
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, H] token copies sorted by expert; counts: [E_local] rows per expert; scale: an optional [N]
+        weight per row (the routing weight), applied inside -> [N, H].
 
         Under expert parallelism the weights are DTensors sharded on the expert dim; the GEMMs run on this
         rank's local experts (the dispatch hooks of parallel/ have already brought their tokens here)."""
         gate, up, down = (_local(w) for w in (self.gate_proj, self.up_proj, self.down_proj))
-        h = F.silu(grouped_matmul(x, gate, counts)) * grouped_matmul(x, up, counts)
-        return grouped_matmul(h, down, counts)
+        return _ExpertFFN.apply(x, scale, counts, gate, up, down)
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
@@ -189,11 +265,26 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
     return Dispatch(token_idx=order // k, weight=topk_weight.flatten()[order], counts=counts, dropped=dropped)
 
 
-def unpermute(y_sorted: torch.Tensor, d: Dispatch, num_tokens: int) -> torch.Tensor:
-    """Weight every expert output by its gate and sum the copies back onto their tokens."""
-    y = (y_sorted * d.weight.unsqueeze(-1)).to(y_sorted.dtype)
-    out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
-    return out.index_add_(0, d.token_idx, y)
+def unpermute(y_sorted: torch.Tensor, d: Dispatch, num_tokens: int, weighted: bool = True) -> torch.Tensor:
+    """Sum the expert outputs back onto their tokens, each weighted by its gate first unless `weighted` is
+    False (`GroupedExperts` applies the gates itself when it gets them)."""
+    y = (y_sorted * d.weight.unsqueeze(-1)).to(y_sorted.dtype) if weighted else y_sorted
+    return _SumCopies.apply(y, d.token_idx, num_tokens)
+
+
+class _SumCopies(torch.autograd.Function):
+    """out[t] = sum of the rows y[i] with token_idx[i] == t. `index_add_` under autograd would keep y itself for
+    its backward (an [N, H] activation per MoE layer); the backward needs only the indices."""
+
+    @staticmethod
+    def forward(ctx, y, token_idx, num_tokens):  # type: ignore[override]
+        ctx.save_for_backward(token_idx)
+        return y.new_zeros(num_tokens, y.shape[-1]).index_add_(0, token_idx, y)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (token_idx,) = ctx.saved_tensors
+        return grad[token_idx], None, None
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, k: int) -> torch.Tensor:
@@ -240,7 +331,8 @@ class MoE(nn.Module):
             capacity = math.ceil(cfg.capacity_factor * flat.shape[0] * cfg.num_experts_per_tok
                                  / cfg.n_routed_experts)
         d = permute(topk_idx, topk_weight, cfg.n_routed_experts, capacity)
-        y = unpermute(self.experts(flat[d.token_idx], d.counts), d, flat.shape[0]).to(x.dtype)
+        y_sorted = self.experts(flat[d.token_idx], d.counts, d.weight)  # the gates are applied inside
+        y = unpermute(y_sorted, d, flat.shape[0], weighted=False).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
 

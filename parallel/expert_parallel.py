@@ -62,14 +62,16 @@ class _Dispatcher:
 
     def __init__(self, group: dist.ProcessGroup, ep: int) -> None:
         self.group, self.ep = group, ep
-        self.plan: list[tuple[list[int], list[int], torch.Tensor]] = []
+        self.plan: list[tuple[list[int], list[int], torch.Tensor, torch.Tensor | None]] = []
         # Bytes of token rows this rank's forward dispatch + combine calls exchanged (benchmarks). Forwards only:
         # not a recompute (selective checkpointing replays the kept result; full recompute sends them again, as the
         # backward's all-to-alls do, neither counted here).
         self.bytes_sent = 0
 
     def dispatch(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, counts = args
+        # The routing weights (scale) stay here: `combine` applies them to the rows that come back, so only token
+        # rows travel (GroupedExperts applies them itself when it runs without EP).
+        x, counts, scale = (*args, None) if len(args) == 2 else args
         with torch.no_grad():
             counts = counts.to(torch.int64)
             # recv[i*El + e]: rank i -> my expert e. The functional collective, so that selective checkpointing
@@ -83,16 +85,17 @@ class _Dispatcher:
             order = _regroup_index(recv, sum(recv_splits))
             local_counts = recv.sum(0)
         x_recv = all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, self.group)
-        self.plan.append((send_splits, recv_splits, order))
+        self.plan.append((send_splits, recv_splits, order, scale))
         if not is_recomputing():
             self.bytes_sent += (sum(send_splits) + sum(recv_splits)) * x.shape[-1] * x.element_size()
         return x_recv[order], local_counts
 
     def combine(self, module: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor:
-        send_splits, recv_splits, order = self.plan.pop()
+        send_splits, recv_splits, order, scale = self.plan.pop()
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all_single_autograd(y[back].contiguous(), send_splits, recv_splits, self.group)
+        y = all_to_all_single_autograd(y[back].contiguous(), send_splits, recv_splits, self.group)
+        return y if scale is None else (y * scale.unsqueeze(-1)).to(y.dtype)
 
 
 def apply_expert_parallel(model: Transformer, ep_mesh: DeviceMesh) -> None:

@@ -40,14 +40,14 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
-if hasattr(torch.ops.aten, "_grouped_mm"):
-    _SAVE_OPS.add(torch.ops.aten._grouped_mm.default)
-# Never send the tokens twice: keep the all-to-all's results (the split sizes' and the tokens'). Kept whatever
-# the grad mode, since both run with grad off: the sizes under no_grad, the tokens inside the autograd function
-# that wraps the collective.
-_SAVE_COMMS = set()
+# Kept whatever the grad mode, since these run with grad off. Never send the tokens twice: the all-to-all's
+# results (the split sizes' under no_grad, the tokens' inside the autograd function that wraps the collective).
+# The routed experts' grouped GEMMs, which run inside their own autograd function (models.moe._ExpertFFN).
+_SAVE_ALWAYS = set()
 if hasattr(torch.ops, "_c10d_functional"):
-    _SAVE_COMMS.add(torch.ops._c10d_functional.all_to_all_single.default)
+    _SAVE_ALWAYS.add(torch.ops._c10d_functional.all_to_all_single.default)
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _SAVE_ALWAYS.add(torch.ops.aten._grouped_mm.default)
 
 
 def _profiler_ops() -> set:
@@ -87,7 +87,7 @@ class _Cached(_IgnoreOps, _CachedTorchDispatchMode):
 def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
     # A matmul under no_grad (attention's chunked max-logit pass) is not needed by backward: keeping it would
     # hold every chunk until backward.
-    if (op in _SAVE_OPS and torch.is_grad_enabled()) or op in _SAVE_COMMS:
+    if (op in _SAVE_OPS and torch.is_grad_enabled()) or op in _SAVE_ALWAYS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -115,15 +115,15 @@ def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, policy: 
             moe["balance loss (score sums, f)"] = t * FP32 + b * e * FP32
         moe["sort order, token ids, sorted weights"] = n * (INT64 + INT64 + FP32)
         moe["sorted token copies"] = n * hid * c
-        moe["expert gate, silu, up, product"] = 4 * n * moe_i * c
-        moe["expert outputs, gated outputs"] = 2 * n * hid * c
-        moe["grouped-GEMM offsets"] = 3 * (e // ep) * INT32
+        moe["expert gate, up (SiLU and the product are recomputed in the backward)"] = 2 * n * moe_i * c
+        moe["grouped-GEMM counts, offsets"] = (e // ep) * (INT64 + INT32)
         if cfg.n_shared_experts or c == FP32:
             moe["FFN input"] = t * hid * c
         if cfg.n_shared_experts:
             moe["shared expert gate, silu, up, product"] = 4 * t * shared_i * c
         if ep > 1:  # measured on a gloo EP run (tests): one more row copy around the all-to-all, 2 regroup orders
-            moe["EP: token rows around the all-to-all, regroup orders"] = n * hid * c + 2 * n * INT64
+            # ... and the returned rows, which the combine scales by their routing weights on the source rank
+            moe["EP: token rows around the all-to-all, returned rows, regroup orders"] = 2 * n * hid * c + 2 * n * INT64
     else:
         attn["block input (kept by the checkpoint)"] = t * hid * c
         if policy == "selective":
