@@ -191,6 +191,9 @@ def measure_run(config: str, overrides: list[str], steps: int, warmup: int) -> d
         finally:
             if original_region is not None:
                 trainer_mod.region = original_region
+    missing = {"tokens_per_s", "step_time_s", "loss"} - set(records[0])
+    if missing:
+        return {"error": f"train_step() records lack {sorted(missing)}: this benchmark cannot read its timing"}
     step_s = sum(r["step_time_s"] for r in records)
     part_s = {name: sum(p.get(name, 0.0) for p in parts) for name in DETAIL}
     summary = {
@@ -209,10 +212,10 @@ def measure_run(config: str, overrides: list[str], steps: int, warmup: int) -> d
         "detail_ms": {k: 1e3 * v / n for k, v in part_s.items()},
         "timed_steps": n,
         "loss": [records[0]["loss"], records[-1]["loss"]],
-        "params_m": trainer.model.num_params() / 1e6,
+        "params_m": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
         "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
         "device": str(trainer.device),
-        "dtype": str(trainer.compute_dtype or torch.float32),
+        "dtype": str(getattr(trainer, "compute_dtype", None) or torch.float32),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "notes": notes,
@@ -336,21 +339,35 @@ def table(sides: list[tuple[str, list[dict[str, Any]]]]) -> str:
 
 
 @contextlib.contextmanager
-def baseline_worktree(rev: str):
-    """A detached `git worktree` of `rev` in a temporary folder, removed afterwards."""
-    try:
-        commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    except subprocess.CalledProcessError:
-        sys.exit(f"--baseline {rev}: not a git revision of {REPO}")
-    parent = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+def worktree(commit: str) -> Any:
+    """A detached `git worktree` of `commit` in a temporary folder, removed afterwards."""
+    parent = Path(tempfile.mkdtemp(prefix="bench-train-"))
     path = parent / "tree"
     git("worktree", "add", "--detach", str(path), commit)
     try:
-        yield path, commit[:7]
+        yield path
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True)
         shutil.rmtree(parent, ignore_errors=True)
         subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
+
+
+def frozen_current(stack: contextlib.ExitStack) -> tuple[Path, str]:
+    """The working tree as it is now, in a worktree of its own, so that edits made while the benchmark runs (other
+    people share the checkout) do not land in some runs and not others. `git stash create` records HEAD plus the
+    uncommitted changes of tracked files as a commit object without touching the tree, the index or the stash
+    list; untracked files are not in it."""
+    label = describe(REPO)
+    snapshot = git("stash", "create") or git("rev-parse", "HEAD")
+    return stack.enter_context(worktree(snapshot)), f"{label}, frozen as {snapshot[:7]}"
+
+
+def baseline(stack: contextlib.ExitStack, rev: str) -> tuple[Path, str]:
+    try:
+        commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        sys.exit(f"--baseline {rev}: not a git revision of {REPO}")
+    return stack.enter_context(worktree(commit)), commit[:7]
 
 
 def machine() -> str:
@@ -367,12 +384,9 @@ def machine() -> str:
 
 
 def run_config(config: str, overrides: list[str], args: argparse.Namespace,
-               base: tuple[Path, str] | None) -> dict[str, Any]:
-    config_path = str((REPO / config).resolve()) if not Path(config).is_absolute() else config
-    cur_label = f"current ({describe(REPO)})"
-    sides: list[tuple[str, Path]] = [(cur_label, REPO)]
-    if base is not None:
-        sides.append((f"baseline ({base[1]})", base[0]))
+               sides: list[tuple[str, Path]]) -> dict[str, Any]:
+    # the current side's config file (frozen with it), read by both sides: the same workload
+    config_path = str((sides[0][1] / config).resolve()) if not Path(config).is_absolute() else config
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in sides}
     for i in range(args.runs):
         order = sides if i % 2 == 0 else sides[::-1]  # ABBA: neither side always runs first
@@ -415,8 +429,13 @@ def main() -> None:
     print(f"machine: {machine()} (before the runs); python {platform.python_version()}")
     print(f"command: python {' '.join([str(Path(sys.argv[0])), *sys.argv[1:]])}")
     with contextlib.ExitStack() as stack:
-        base = stack.enter_context(baseline_worktree(args.baseline)) if args.baseline else None
-        results = [run_config(config, overrides, args, base) for config, overrides in configs]
+        if args.baseline:
+            cur_root, cur_label = frozen_current(stack)
+            base_root, base_label = baseline(stack, args.baseline)
+            sides = [(f"current ({cur_label})", cur_root), (f"baseline ({base_label})", base_root)]
+        else:
+            sides = [(f"current ({describe(REPO)})", REPO)]
+        results = [run_config(config, overrides, args, sides) for config, overrides in configs]
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "results": results}, indent=1))
 
