@@ -245,7 +245,7 @@ NS's working set (the stack and its 3-4 intermediates) on a large model."""
 
 
 def orthogonalize_batched(updates: list[torch.Tensor], ns: Callable[[torch.Tensor], torch.Tensor],
-                          max_numel: int = LOCAL_BATCH_NUMEL) -> list[torch.Tensor]:
+                          max_numel: int = LOCAL_BATCH_NUMEL, batch_cpu: bool = False) -> list[torch.Tensor]:
     """``[ns(u) for u in updates]`` with the plain tensors of the same matrix shape ``[n, m]``, dtype and device
     orthogonalized together, one call on their stack ``[B, n, m]`` (a ``[E, n, m]`` expert stack counts ``E``):
     one batched NS instead of B small ones (fewer launches on a GPU; on a CPU the per-matrix products dominate
@@ -254,11 +254,16 @@ def orthogonalize_batched(updates: list[torch.Tensor], ns: Callable[[torch.Tenso
     memory than unbatched). A tensor alone in its stack is passed as it is (a
     matrix keeps the exact 2-D path). ``ns`` must treat leading dims as a batch of independent matrices, as
     :func:`zeropower_via_newtonschulz5` does; on the CPUs tested here ``bmm`` gives the same bits as ``mm`` per
-    matrix (tests/test_muon.py asserts it to 1e-6). Subclasses (a DTensor) are passed one by one."""
+    matrix (tests/test_muon.py asserts it to 1e-6). Subclasses (a DTensor) are passed one by one.
+
+    CPU tensors are passed one by one too unless ``batch_cpu``: on the 2-core EPYC of docs/bench_optim.md (e),
+    one thread, NS on a stack of 6 same-shape matrices took 0.98-1.23x the time of 6 separate calls (the
+    ``torch.cat`` copy, and MKL's batched GEMM on the transposed tall views), so stacking only pays where launches
+    cost something (a GPU)."""
     out: list[torch.Tensor | None] = [None] * len(updates)
     groups: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
-        if type(u) is not torch.Tensor or u.ndim < 2 or u.numel() == 0:
+        if type(u) is not torch.Tensor or u.ndim < 2 or u.numel() == 0 or (u.device.type == "cpu" and not batch_cpu):
             out[i] = ns(u)
         else:
             groups.setdefault((tuple(u.shape[-2:]), u.dtype, u.device), []).append(i)

@@ -219,8 +219,11 @@ def test_orthogonalize_batched_is_ns_per_tensor(dtype: torch.dtype) -> None:
         calls.append(tuple(u.shape))
         return zeropower_via_newtonschulz5(u, dtype=torch.float32)
 
-    got = orthogonalize_batched(ups, ns)
+    got = orthogonalize_batched(ups, ns, batch_cpu=True)  # what a GPU gets
     assert sorted(calls) == sorted([(9, 24, 40), (40, 24), (16, 16), (24, 40)])
+    calls.clear()
+    orthogonalize_batched(ups, ns)  # CPU tensors by default: one call each (stacking is slower there)
+    assert calls == [tuple(u.shape) for u in ups]
     for u, o in zip(ups, got, strict=True):
         assert o.shape == u.shape and o.dtype == u.dtype
         torch.testing.assert_close(o, zeropower_via_newtonschulz5(u, dtype=torch.float32), rtol=1e-6, atol=1e-6)
@@ -238,7 +241,7 @@ def test_orthogonalize_batched_bounds_the_stack() -> None:
             calls.append(tuple(u.shape))
             return zeropower_via_newtonschulz5(u)
 
-        got = orthogonalize_batched(ups, ns, max_numel=max_numel)
+        got = orthogonalize_batched(ups, ns, max_numel=max_numel, batch_cpu=True)
         assert calls == expected, max_numel
         for u, o in zip(ups, got, strict=True):
             torch.testing.assert_close(o, zeropower_via_newtonschulz5(u), rtol=1e-6, atol=1e-6)
