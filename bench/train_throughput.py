@@ -1,6 +1,6 @@
 """Training throughput of a preset through the real trainer: tokens/s over repeated runs, and where a step goes.
 
-    python bench/train_throughput.py                         # tiny, and small at reduced depth (SMALL_REDUCED)
+    python bench/train_throughput.py                         # tiny, then small at reduced size (SMALL_REDUCED)
     python bench/train_throughput.py --config configs/tiny.yaml --runs 5 --steps 20 --warmup 4 [overrides ...]
     python bench/train_throughput.py --baseline 604e87f     # the same, also for that git revision, alternating
 
@@ -59,7 +59,8 @@ DETAIL = ("attention_fwd", "attention_bwd", "moe_fwd", "moe_bwd", "optimizer", "
 # 2 x 256 tokens a step. The full-depth, 64-expert preset spends ~1 min a step in Muon alone on this CPU.
 SMALL_REDUCED = ["model.num_hidden_layers=1", "model.first_k_dense_replace=0", "model.n_routed_experts=8",
                  "data.seq_len=256", "train.global_batch_size=2", "train.micro_batch_size=2"]
-PRESETS = [("configs/tiny.yaml", []), ("configs/small.yaml", SMALL_REDUCED)]
+# (config, overrides, default runs / steps / warmup): a tiny run takes ~30 s, a reduced small one ~75 s here
+PRESETS = [("configs/tiny.yaml", [], (5, 20, 4)), ("configs/small.yaml", SMALL_REDUCED, (3, 4, 1))]
 
 
 # --- measurement inside one run (the worker) ---------------------------------------------------------------------
@@ -409,23 +410,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None,
                     help="one config (default: configs/tiny.yaml, then configs/small.yaml with SMALL_REDUCED)")
-    ap.add_argument("--runs", type=int, default=5, help="independent trainer runs per side")
-    ap.add_argument("--steps", type=int, default=20, help="train steps per run")
-    ap.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each run")
+    ap.add_argument("--runs", type=int, default=None, help="independent trainer runs per side (default: 5 for "
+                    "tiny or --config, 3 for the reduced small)")
+    ap.add_argument("--steps", type=int, default=None, help="train steps per run (default 20; 4 for reduced small)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps at the start of each run (default 4; "
+                    "1 for reduced small)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each run")
     ap.add_argument("--baseline", default=None, metavar="REV", help="also measure this git revision, alternating")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write every run's figures to PATH")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="config overrides (key=value), with --config")
     args = ap.parse_args()
-    if args.warmup >= args.steps:
-        ap.error("--warmup must be below --steps")
     if args.worker:
         worker(args)
         return
     if args.config is None and args.overrides:
         ap.error("overrides need --config")
-    configs = PRESETS if args.config is None else [(args.config, args.overrides)]
+    configs = PRESETS if args.config is None else [(args.config, args.overrides, (5, 20, 4))]
+    plans = []
+    for config, overrides, (runs, steps, warmup) in configs:
+        given = {k: v for k, v in vars(args).items() if v is not None}
+        plan = argparse.Namespace(**{**vars(args), "runs": runs, "steps": steps, "warmup": warmup, **given})
+        if plan.warmup >= plan.steps:
+            ap.error(f"--warmup ({plan.warmup}) must be below --steps ({plan.steps})")
+        plans.append((config, overrides, plan))
     print(f"machine: {machine()} (before the runs); python {platform.python_version()}")
     print(f"command: python {' '.join([str(Path(sys.argv[0])), *sys.argv[1:]])}")
     with contextlib.ExitStack() as stack:
@@ -435,7 +443,7 @@ def main() -> None:
             sides = [(f"current ({cur_label})", cur_root), (f"baseline ({base_label})", base_root)]
         else:
             sides = [(f"current ({describe(REPO)})", REPO)]
-        results = [run_config(config, overrides, args, sides) for config, overrides in configs]
+        results = [run_config(config, overrides, plan, sides) for config, overrides, plan in plans]
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "results": results}, indent=1))
 
