@@ -2,8 +2,9 @@
 
 The released layout (what `transformers`, vLLM and SGLang read) is a directory with `config.json`,
 safetensors shards and `model.safetensors.index.json`; tensors are named `model.layers.N....` with one
-tensor per routed expert (`mlp.experts.J.gate_proj.weight`). Chogori stores experts stacked (`[E, out, in]`)
-and drops the `model.` prefix, so conversion is a rename plus a split/stack of the expert tensors.
+tensor per routed expert and projection (`mlp.experts.J.gate_proj.weight`). Chogori stores experts stacked
+(`gate_up_proj` [E, 2, I, H] holding gate and up, `down_proj` [E, H, I]) and drops the `model.` prefix, so
+conversion is a rename plus a split/stack of the expert tensors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from models.config import ModelConfig
 from models.init import canonical_name, shard_indices
 from models.transformer import Transformer
 
-_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# The released projections each stacked tensor holds, in the order of its dim 1 (gate_up) or alone (down).
+_EXPERT_PROJS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 # Released config.json fields we do not model: inference-only or quantization details.
 _IGNORED_HF_KEYS = {
@@ -79,9 +82,11 @@ def to_hf_tensors(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.T
     for key, t in state.items():
         m = _EXPERT_KEY.match(key)
         if m:
-            layer, proj = m.groups()
+            layer, stacked = m.groups()
+            projs = _EXPERT_PROJS[stacked]
             for j in range(t.shape[0]):
-                yield f"model.layers.{layer}.mlp.experts.{j}.{proj}.weight", t[j]
+                for p, proj in enumerate(projs):
+                    yield f"model.layers.{layer}.mlp.experts.{j}.{proj}.weight", t[j, p] if len(projs) > 1 else t[j]
         elif key == "lm_head.weight":
             yield key, t
         else:
@@ -254,11 +259,13 @@ _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torc
 
 
 def _hf_sources(name: str, cfg: ModelConfig) -> list[str]:
-    """The released-layout tensors our state-dict entry `name` is made of: one, or one per routed expert."""
+    """The released-layout tensors our state-dict entry `name` is made of: one, or one per routed expert (and per
+    projection of `gate_up_proj`: expert-major, gate before up, the order of the stacked tensor's rows)."""
     m = _EXPERT_KEY.match(name)
     if m:
-        layer, proj = m.groups()
-        return [f"model.layers.{layer}.mlp.experts.{j}.{proj}.weight" for j in range(cfg.n_routed_experts)]
+        layer, stacked = m.groups()
+        return [f"model.layers.{layer}.mlp.experts.{j}.{proj}.weight" for j in range(cfg.n_routed_experts)
+                for proj in _EXPERT_PROJS[stacked]]
     return [name if name == "lm_head.weight" else f"model.{name}"]
 
 
@@ -312,7 +319,9 @@ def load_hf_weights(model: Transformer, ckpt_dir: str | os.PathLike) -> None:
             if tensor.device.type == "meta":
                 raise ValueError(f"load_hf_weights: '{name}' is on the meta device; call to_empty() first")
             local, index = shard_indices(tensor)
-            per_source = tuple(tensor.shape[1:]) if len(sources) > 1 else tuple(tensor.shape)
+            # A stacked expert tensor has one source per entry of its leading dims: [E] (down) or [E, 2] (gate_up).
+            lead = 0 if len(sources) == 1 else tensor.ndim - 2
+            per_source = tuple(tensor.shape[lead:])
             for s in sources:
                 if tuple(files.slice(s).get_shape()) != per_source:
                     raise HFCheckpointError(f"{files.dir}: '{s}' has shape {files.slice(s).get_shape()}, the model "
@@ -321,8 +330,12 @@ def load_hf_weights(model: Transformer, ckpt_dir: str | os.PathLike) -> None:
                 continue
             if len(sources) == 1:
                 values = _read_box(files.slice(sources[0]), index)
-            else:  # a stacked expert tensor: this rank's experts, each its own tensor in the file
-                values = torch.stack([_read_box(files.slice(sources[j]), index[1:]) for j in index[0].tolist()])
+            else:  # a stacked expert tensor: this rank's experts (and projections), each its own tensor in the file
+                flat = torch.zeros(1, dtype=torch.long)
+                for n, idx in zip(tensor.shape[:lead], index[:lead], strict=True):
+                    flat = (flat[:, None] * n + idx[None, :]).reshape(-1)
+                boxes = [_read_box(files.slice(sources[j]), index[lead:]) for j in flat.tolist()]
+                values = torch.stack(boxes).view(local.shape)
             local.copy_(values)
 
 

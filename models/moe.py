@@ -164,28 +164,30 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 
 class _ExpertFFN(torch.autograd.Function):
-    """The routed experts' SwiGLU per expert block g: y_g = (silu(x_g Wg_g^T) * (x_g Wu_g^T) * r) Wd_g^T.
+    """The routed experts' SwiGLU per expert block g: y_g = (silu(x_g Wg_g^T) * (x_g Wu_g^T) * r) Wd_g^T, with
+    gate and up stacked as one [G, 2I, H] weight, so both projections are one grouped GEMM each way.
 
     Written out because autograd would keep silu(gate), the product and the scaled product for the backward and
-    run SiLU, the product and the scaling as separate passes both ways. This keeps only x and the two projections
-    (the rest is recomputed in the backward, elementwise) and applies the routing weight r to the [N, I]
-    activation rather than to the [N, H] output: the same sum, fewer bytes (I < H in every preset)."""
+    run SiLU, the product and the scaling as separate passes both ways. This keeps only x and the [N, 2I]
+    projection (the rest is recomputed in the backward, elementwise) and applies the routing weight r to the
+    [N, I] activation rather than to the [N, H] output: the same sum, fewer bytes (I < H in every preset)."""
 
     @staticmethod
-    def forward(ctx, x, scale, counts, gate, up, down):  # type: ignore[override]
+    def forward(ctx, x, scale, counts, gate_up, down):  # type: ignore[override]
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        g = grouped_matmul(x, gate, counts, offs)
-        u = grouped_matmul(x, up, counts, offs)
+        gu = grouped_matmul(x, gate_up, counts, offs)
+        g, u = gu.chunk(2, dim=-1)
         h = F.silu(g).mul_(u)
         if scale is not None:
             h.mul_(scale.unsqueeze(-1).to(h.dtype))
-        ctx.save_for_backward(x, scale, counts, offs, gate, up, down, g, u)
+        ctx.save_for_backward(x, scale, counts, offs, gate_up, down, gu)
         return grouped_matmul(h, down, counts, offs)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, scale, counts, offs, gate, up, down, g, u = ctx.saved_tensors
+        x, scale, counts, offs, gate_up, down, gu = ctx.saved_tensors
         dy = dy.contiguous()
+        g, u = gu.chunk(2, dim=-1)
         # Intermediates are dropped as soon as they are used: the weight gradients pile up through the backward,
         # so the peak is set by what is still alive beside the last of them.
         silu = F.silu(g)
@@ -200,26 +202,28 @@ class _ExpertFFN(torch.autograd.Function):
                 d_scale = torch.linalg.vecdot(dh, act).to(scale.dtype)
             dh.mul_(scale.unsqueeze(-1).to(dh.dtype))
         del act
-        du = dh.mul(silu)
+        d_gu = torch.empty_like(gu)
+        d_g, d_u = d_gu.chunk(2, dim=-1)
+        torch.mul(dh, silu, out=d_u)
         del silu
-        dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
+        d_g.copy_(torch.ops.aten.silu_backward(dh.mul_(u), g))
         del dh
-        dx = grouped_matmul(dg, gate, counts, offs, transpose=False)
-        dx.add_(grouped_matmul(du, up, counts, offs, transpose=False))
-        d_gate = grouped_weight_grad(dg, x, counts, offs)
-        del dg
-        return dx, d_scale, None, d_gate, grouped_weight_grad(du, x, counts, offs), d_down
+        dx = grouped_matmul(d_gu, gate_up, counts, offs, transpose=False)
+        return dx, d_scale, None, grouped_weight_grad(d_gu, x, counts, offs), d_down
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored stacked, [E, out, in] (nn.Linear's layout per expert), so one grouped GEMM
-    runs them all and expert parallelism shards them on dim 0."""
+    """E SwiGLU experts stored stacked so that one grouped GEMM runs them all and expert parallelism shards them on
+    dim 0: `gate_up_proj` [E, 2, I, H] (gate and up, nn.Linear's [out, in] each) and `down_proj` [E, H, I].
+
+    Gate and up share one tensor so that they are one [E, 2I, H] GEMM operand (a view, no copy), and the
+    leading [E, 2] keeps them 2E separate matrices to the optimizer (Muon orthogonalizes each on its own) and to
+    checkpoint export (`gate_proj` and `up_proj` per expert)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,8 +232,8 @@ class GroupedExperts(nn.Module):
 
         Under expert parallelism the weights are DTensors sharded on the expert dim; the GEMMs run on this
         rank's local experts (the dispatch hooks of parallel/ have already brought their tokens here)."""
-        gate, up, down = (_local(w) for w in (self.gate_proj, self.up_proj, self.down_proj))
-        return _ExpertFFN.apply(x, scale, counts, gate, up, down)
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        return _ExpertFFN.apply(x, scale, counts, gate_up.flatten(1, 2), down)
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,14 @@ one place means every optimizer, and the start-of-training log, agree on which t
 
 Groups (always all three keys, in this order, possibly empty):
 
-* ``"matrix"``: 2-D and 3-D weights: attention projections (``q_proj``, ``q_a_proj``, ``q_b_proj``,
+* ``"matrix"``: 2-D to 4-D weights: attention projections (``q_proj``, ``q_a_proj``, ``q_b_proj``,
   ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``), dense and shared-expert FFNs, the router gate
-  ``[E, H]`` and stacked routed experts ``[E, out, in]`` (E separate matrices to Muon).
+  ``[E, H]`` and stacked routed experts, ``down_proj`` ``[E, out, in]`` and ``gate_up_proj`` ``[E, 2, out, in]``
+  (E, resp. 2E, separate matrices to Muon: every leading dim is a batch dim).
 * ``"embedding"``: the token embedding and the LM head (names ending ``embed_tokens.weight`` or
   ``lm_head.weight``), whatever their shape: Muon's spectral-norm argument does not hold for them.
 * ``"vector"``: everything else: 0-D / 1-D tensors (norm weights, biases) and, as an AdamW catch-all,
-  tensors of more than 3 dimensions, which no layer of this model has.
+  tensors of more than 4 dimensions, which no layer of this model has.
 
 Names are matched on components after dropping wrapper components that ``torch.compile``, activation
 checkpointing and FSDP1 insert (``_orig_mod.``, ``_checkpoint_wrapped_module.``, ...), so a wrapped
@@ -54,7 +55,7 @@ def classify_param(name: str, param: nn.Parameter) -> str:
     parts = tuple(canonical_name(name).split("."))
     if any(parts[-len(suffix) :] == suffix for suffix in _EMBEDDING_SUFFIXES):
         return "embedding"
-    if param.ndim in (2, 3):
+    if param.ndim in (2, 3, 4):
         return "matrix"
     return "vector"
 

@@ -164,10 +164,12 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, *, param_dtype: torch.dtype
         if isinstance(inner.mlp, MoE) and ep > 1:
             experts = inner.mlp.experts
             dp_mod_ep = mesh["dp_mod_ep"]
-            n_local = experts.gate_proj.shape[0] // ep
-            # Shard the expert dim when there are enough local experts to go round, else the row dim.
-            placement = Shard(0) if n_local >= dp_mod_ep.size() else Shard(1)
-            fully_shard(experts, mesh=dp_mod_ep, mp_policy=mp, shard_placement_fn=lambda p, s=placement: s,
+            n_local = experts.down_proj.shape[0] // ep
+            # Shard the expert dim when there are enough local experts to go round, else each matrix's row dim
+            # (dim 2 of gate_up_proj [E, 2, I, H], dim 1 of down_proj [E, H, I]).
+            by_expert = n_local >= dp_mod_ep.size()
+            fully_shard(experts, mesh=dp_mod_ep, mp_policy=mp,
+                        shard_placement_fn=lambda p, e=by_expert: Shard(0) if e else Shard(p.ndim - 2),
                         reshard_after_forward=reshard_after_forward)
             experts.set_gradient_divide_factor(float(dp_mesh.size()))
             # Gloo has no PREMUL_SUM, so scale outside the collective. Only when a reduce-scatter really

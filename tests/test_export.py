@@ -219,7 +219,7 @@ def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, sing
     ckpt = four_rank_run.out / "checkpoints" / "step-4"
     assert len(list(ckpt.glob("train_state-rank*.json"))) == 4
     meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    experts = meta["model.layers.1.mlp.experts.gate_proj"]
+    experts = meta["model.layers.1.mlp.experts.gate_up_proj"]
     assert len(experts.chunks) > 1 and all(c.sizes[0] < experts.size[0] for c in experts.chunks)  # sharded
 
     read: list[str] = []  # what DCP reads: the model's tensors only, never the optimizer state
@@ -245,8 +245,8 @@ def test_four_rank_expert_sharded_checkpoint_exports_exactly(four_rank_run, sing
     diff = logits_diff(resumed.model, out, cfg.model.vocab_size)
     assert diff < LOGIT_TOL, diff
     # and the 4-rank weights are not the single-process run's (the comparison has teeth)
-    assert not torch.equal(got["layers.1.mlp.experts.gate_proj"],
-                           single_run[1].model.layers["1"].mlp.experts.gate_proj.detach())
+    assert not torch.equal(got["layers.1.mlp.experts.gate_up_proj"],
+                           single_run[1].model.layers["1"].mlp.experts.gate_up_proj.detach())
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -357,7 +357,7 @@ def test_config_not_matching_the_weights_lists_the_keys(single_run, tmp_path, ca
     doc["model"]["moe_intermediate_size"] = 64  # same keys, other shapes
     edit_config(ckpt, doc)
     assert main([str(ckpt), str(tmp_path / "x")]) == 2
-    assert "layers.1.mlp.experts.gate_proj (8, 96, 128) vs (8, 64, 128)" in capsys.readouterr().err
+    assert "layers.1.mlp.experts.gate_up_proj (8, 2, 96, 128) vs (8, 2, 64, 128)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -138,14 +138,11 @@ def hf_name(ours: str) -> str:
 
 def hf_param_view(hf_params: dict[str, torch.Tensor], ours: str, cfg: ModelConfig) -> torch.Tensor:
     """The HF in-memory tensor that corresponds to our parameter `ours` (HF fuses gate/up experts)."""
-    m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)", ours)
-    if m:
+    m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", ours)
+    if m:  # HF stores gate_up_proj [E, 2I, H] (gate rows first), ours [E, 2, I, H]: the same values
         layer, proj = m.groups()
-        if proj == "down_proj":
-            return hf_params[f"model.layers.{layer}.mlp.experts.down_proj"]
-        fused = hf_params[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
-        i = cfg.moe_intermediate_size
-        return fused[:, :i] if proj == "gate_proj" else fused[:, i:]
+        theirs = hf_params[f"model.layers.{layer}.mlp.experts.{proj}"]
+        return theirs if proj == "down_proj" else theirs.view(theirs.shape[0], 2, -1, theirs.shape[-1])
     return hf_params[hf_name(ours)]
 
 
@@ -255,7 +252,7 @@ def test_import_keeps_fp32_router_of_bf16_checkpoint(tmp_path):
             assert state[name.removeprefix("model.")].dtype == torch.float32, name
             assert torch.equal(state[name.removeprefix("model.")], t), name
         assert ours.embed_tokens.weight.dtype == torch.bfloat16
-        assert all(m.experts.gate_proj.dtype == torch.bfloat16 for m in ours.moe_layers())
+        assert all(m.experts.gate_up_proj.dtype == torch.bfloat16 for m in ours.moe_layers())
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")  # transformers' zero-width MLP

@@ -119,7 +119,7 @@ def test_transformer_init_weights() -> None:
     b.init_weights(SEED + 1)
     assert not torch.equal(a.embed_tokens.weight, b.embed_tokens.weight)
     b.init_weights(generator=torch.Generator().manual_seed(SEED))
-    assert torch.equal(a.layers["1"].mlp.experts.gate_proj, b.layers["1"].mlp.experts.gate_proj)
+    assert torch.equal(a.layers["1"].mlp.experts.gate_up_proj, b.layers["1"].mlp.experts.gate_up_proj)
     # wrapped blocks keep their names, hence their init
     for key, block in list(b.layers.items()):
         b.layers[key] = checkpoint_wrapper(block)

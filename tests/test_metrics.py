@@ -42,7 +42,7 @@ def traced_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int
     cfg = load_config(TINY, _overrides(out / "run", out / "cache", **{
         "train.steps": STEPS, "train.eval_interval": 3, "train.eval_batches": 1, "logging.wandb.mode": "offline",
         "logging.tensorboard": "true", "logging.expert_load_interval": 4, "logging.peak_tflops": 0.5,
-        "optim.qk_clip_tau": 0.1}))  # a tau the tiny model's logits exceed, so QK-Clip really acts
+        "optim.qk_clip_tau": 0.05}))  # below every tiny head-max logit (~0.09-0.15), so QK-Clip really acts
     trainer = Trainer(cfg)
     experts = cfg.model.n_routed_experts
     routed: dict[int, dict[int, torch.Tensor]] = {}
@@ -118,7 +118,7 @@ def test_every_metric_is_logged_with_a_sane_value(traced_run: tuple[Path, dict[i
         per_layer = [r[f"attn/max_logit/layer{i}"] for i in layers]
         assert r["max_logit"] == max(per_layer) > 0
         clipped = [r[f"qk_clip/heads_clipped/layer{i}"] for i in layers]
-        assert r["qk_clip/heads_clipped"] == sum(clipped) > 0  # tau 0.1: every layer has heads above it
+        assert r["qk_clip/heads_clipped"] == sum(clipped) > 0  # tau 0.05: every layer has heads above it
         for i in moe_layers:
             # Expert load: what the routers chose in this step's forward (every token's top-k copies, counted by
             # the hooks); the router bias: DeepSeek-V3's update, b += gamma * sign(mean load - load), from those.

@@ -97,11 +97,12 @@ def test_bf16_step_runs_every_gemm_in_bf16_but_the_router(tmp_path: Path) -> Non
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
     assert state and all(t.dtype == torch.float32 for t in state)
 
-    # The experts: one grouped GEMM per projection with bf16 operands, never the per-expert loop.
+    # The experts: one grouped GEMM per projection (gate and up are one) with bf16 operands, never the per-expert
+    # loop.
     moe_layers = cfg.num_moe_layers
     grouped = [c for c in audit.calls if c[0] == "_grouped_mm"]
     micro_batches = trainer.accum_steps
-    assert len(grouped) == 3 * 3 * moe_layers * micro_batches  # forward, and grad input + grad weight in backward
+    assert len(grouped) == 2 * 3 * moe_layers * micro_batches  # forward, and grad input + grad weight in backward
     assert all(set(dtypes) == {torch.bfloat16} for _, dtypes, _ in grouped)
     assert audit.expert_mms == 0
 
@@ -145,14 +146,14 @@ def test_bf16_loss_curve_stays_within_2_percent_of_fp32(tmp_path: Path) -> None:
 def test_the_audit_tells_a_grouped_gemm_from_the_fallback_loop() -> None:
     """The audit itself can fail: a float64 expert stack runs the per-expert loop, fp32 on CPU one grouped GEMM."""
     experts = GroupedExperts(4, 16, 32)
-    for w in (experts.gate_proj, experts.up_proj, experts.down_proj):
+    for w in (experts.gate_up_proj, experts.down_proj):
         torch.nn.init.normal_(w)
     audit = MatmulAudit()
     audit.watch(experts)
     counts = torch.tensor([3, 3, 2, 2])
     with audit:
         experts(torch.randn(10, 16), counts)
-    assert Counter(c[0] for c in audit.calls) == {"_grouped_mm": 3} and audit.expert_mms == 0
+    assert Counter(c[0] for c in audit.calls) == {"_grouped_mm": 2} and audit.expert_mms == 0
     with audit:
         experts.double()(torch.randn(10, 16, dtype=torch.float64), counts)
-    assert audit.expert_mms == 3 * 4
+    assert audit.expert_mms == 2 * 4

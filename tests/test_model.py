@@ -326,7 +326,7 @@ def test_meta_construction_matches_eager(tiny_config):
         assert torch.isfinite(p).all(), name
         if name.endswith("norm.weight"):
             assert torch.all(p == 1), name
-    experts = meta.layers["1"].mlp.experts.gate_proj
+    experts = meta.layers["1"].mlp.experts.gate_up_proj
     assert experts.std().item() == pytest.approx(0.02, rel=0.05)
     assert abs(experts.mean().item()) < 1e-3
     assert meta.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)

@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelConfig, Transformer
-from models.moe import MoE, Router, forced_balanced_routing, grouped_matmul, permute, sequence_balance_loss, unpermute
+from models.moe import (
+    GroupedExperts,
+    MoE,
+    Router,
+    forced_balanced_routing,
+    grouped_matmul,
+    grouped_weight_grad,
+    permute,
+    sequence_balance_loss,
+    unpermute,
+)
 from tests.model_helpers import gen, moe_config, randomize_
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only add overhead
@@ -154,7 +164,8 @@ def moe_reference(params: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.
             used[e] += 1
             if capacity is not None and used[e] > capacity:
                 continue  # dropped: token order decides, the first `capacity` copies are kept
-            h = F.silu(params["experts.gate_proj"][e] @ x[t]) * (params["experts.up_proj"][e] @ x[t])
+            gate, up = params["experts.gate_up_proj"][e]
+            h = F.silu(gate @ x[t]) * (up @ x[t])
             y = y + w[j] * (params["experts.down_proj"][e] @ h)
         if cfg.n_shared_experts:
             sx = F.silu(params["shared_experts.gate_proj.weight"] @ x[t]) * (
@@ -238,6 +249,55 @@ def test_grouped_matmul_with_empty_groups(dtype):
     tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
     assert torch.all(w.grad[1] == 0) and torch.all(w.grad[3] == 0) and w.grad[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grouped_input_and_weight_gradients_with_empty_groups(dtype):
+    """The backward's two grouped products against float64 per-group matmuls: dy_g @ w_g (transpose=False; on CPU
+    bf16 through the transposed weight copy) and dy_g^T @ x_g, zeros for a group without rows."""
+    g = gen(11)
+    counts = torch.tensor([3, 0, 4, 0])
+    x, dy = torch.randn(7, 16, generator=g).to(dtype), torch.randn(7, 32, generator=g).to(dtype)
+    w = torch.randn(4, 32, 16, generator=g).to(dtype)
+    blocks = [(0, 3, 0), (3, 7, 2)]
+    ref_dx = torch.cat([dy[a:b].double() @ w[e].double() for a, b, e in blocks])
+    ref_dw = torch.zeros(4, 32, 16, dtype=torch.float64)
+    for a, b, e in blocks:
+        ref_dw[e] = dy[a:b].double().T @ x[a:b].double()
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grouped_matmul(dy, w, counts, transpose=False).double(), ref_dx, rtol=tol, atol=tol)
+    dw = grouped_weight_grad(dy, x, counts)
+    assert dw.shape == (4, 32, 16) and dw.dtype == dtype
+    torch.testing.assert_close(dw.double(), ref_dw, rtol=tol, atol=tol)
+    assert torch.all(dw[1] == 0) and torch.all(dw[3] == 0)
+
+
+def test_expert_ffn_backward_passes_gradcheck():
+    """The hand-written backward of the experts' SwiGLU (with the routing weights applied inside) against finite
+    differences in float64, with an expert that gets no rows; and without weights."""
+    g = gen(12)
+    experts = GroupedExperts(3, 6, 4).double()
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(5, generator=g, dtype=torch.float64).requires_grad_()
+    gate_up = torch.randn(3, 2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(3, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def run(x, scale, gate_up, down):
+        weights = {"gate_up_proj": gate_up, "down_proj": down}
+        return torch.func.functional_call(experts, weights, (x, counts, scale))
+
+    def run_plain(x, gate_up, down):
+        return run(x, None, gate_up, down)
+
+    with torch.no_grad():
+        y = run(x, scale, gate_up, down)
+        gate, up = gate_up[[0, 0, 2, 2, 2]].unbind(1)
+        w_down = down[[0, 0, 2, 2, 2]]
+        h = F.silu(torch.einsum("nih,nh->ni", gate, x)) * torch.einsum("nih,nh->ni", up, x) * scale[:, None]
+        torch.testing.assert_close(y, torch.einsum("nhi,ni->nh", w_down, h))
+    assert torch.autograd.gradcheck(run, (x, scale, gate_up, down))
+    assert torch.autograd.gradcheck(run_plain, (x, gate_up, down))
 
 
 def test_permute_unpermute_round_trip():
@@ -336,7 +396,7 @@ def test_moe_expert_with_zero_tokens(dtype):
     y, _ = moe(x)
     y.square().sum().backward()
     assert torch.isfinite(y).all()
-    for name in ("gate_proj", "up_proj", "down_proj"):
+    for name in ("gate_up_proj", "down_proj"):
         grad = getattr(moe.experts, name).grad
         assert torch.isfinite(grad).all()
         assert torch.all(grad[3] == 0) and torch.all(grad[6] == 0)

@@ -510,8 +510,7 @@ def test_build_muon_groups(tiny_model: Transformer) -> None:
         "experts",
     ):
         assert any(part in n for n in muon_names), part
-    assert any(p.ndim == 3 for p in by_kind["matrix"]["params"])
-    assert all(p.ndim in (2, 3) for p in by_kind["matrix"]["params"])
+    assert {p.ndim for p in by_kind["matrix"]["params"]} == {2, 3, 4}  # matrices, down_proj and gate_up_proj stacks
     # ... embeddings, LM head and norms on AdamW (no decay for the norms)
     assert {n for n, _ in groups["embedding"]} == {"embed_tokens.weight", "lm_head.weight"}
     assert all(p.ndim == 1 for p in by_kind["vector"]["params"])
@@ -638,7 +637,7 @@ def test_distributed_checkpoint_state_dict_round_trip(tiny_model: Transformer) -
         warnings.simplefilter("ignore")
         model_sd, optim_sd = get_state_dict(model, opt)
         state = optim_sd["state"]  # keyed by parameter name
-        assert set(state["layers.1.mlp.experts.gate_proj"]) == {"momentum_buffer"}
+        assert set(state["layers.1.mlp.experts.gate_up_proj"]) == {"momentum_buffer"}
         assert set(state["layers.0.self_attn.o_proj.weight"]) == {"momentum_buffer"}
         assert set(state["embed_tokens.weight"]) == set(state["norm.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
         assert [g["use_muon"] for g in optim_sd["param_groups"]] == [True, False, False]

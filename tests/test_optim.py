@@ -67,12 +67,11 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked routed experts: 3-D parameters [E, out, in] without a ``.weight`` suffix."""
+    """Stacked routed experts without a ``.weight`` suffix: [E, 2, out, in] (gate and up) and [E, out, in]."""
 
     def __init__(self, inter: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Parameter(torch.randn(E, inter, H))
-        self.up_proj = nn.Parameter(torch.randn(E, inter, H))
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2, inter, H))
         self.down_proj = nn.Parameter(torch.randn(E, H, inter))
 
 
@@ -152,8 +151,7 @@ EXPECTED = {
             "self_attn.o_proj.weight": "matrix",
             "self_attn.o_proj.bias": "vector",
             "mlp.gate.weight": "matrix",
-            "mlp.experts.gate_proj": "matrix",
-            "mlp.experts.up_proj": "matrix",
+            "mlp.experts.gate_up_proj": "matrix",
             "mlp.experts.down_proj": "matrix",
             "mlp.shared_experts.gate_proj.weight": "matrix",
             "mlp.shared_experts.up_proj.weight": "matrix",
@@ -191,7 +189,7 @@ def test_split_params_plain_names() -> None:
     assert tuple(groups) == GROUP_KINDS
     assert _kinds_by_name(groups) == EXPECTED
     _assert_each_param_once(model, groups)
-    assert {p.ndim for _, p in groups["matrix"]} == {2, 3}
+    assert {p.ndim for _, p in groups["matrix"]} == {2, 3, 4}
 
 
 def test_split_params_wrapped_names() -> None:

@@ -72,11 +72,13 @@ def test_world_2048_step(preset: str, layers: int, rank: int) -> None:
     params = sim["params"]
 
     # Placements: dense weights row-sharded over all 2048 ranks; an expert stack is split over the ep group by
-    # experts and over its 32-rank dp_mod_ep group by rows (fewer local experts than ranks to share them).
+    # experts and over its 32-rank dp_mod_ep group by each matrix's rows (fewer local experts than ranks to share
+    # them): dim 1 of down_proj [E, H, I], dim 2 of gate_up_proj [E, 2, I, H].
     stacks = {n: p for n, p in params.items() if ".experts." in n}
-    assert stacks and all(p["placements"] == ["S(1)", "S(0)"] for p in stacks.values())
+    assert {n.rsplit(".", 1)[1] for n in stacks} == {"gate_up_proj", "down_proj"}
+    assert all(p["placements"] == [f"S({len(p['shape']) - 2})", "S(0)"] for p in stacks.values())
     for p in stacks.values():
-        assert p["local_shape"][0] == e_local and p["local_shape"][1] == math.ceil(p["shape"][1] / 32)
+        assert p["local_shape"][0] == e_local and p["local_shape"][-2] == math.ceil(p["shape"][-2] / 32)
     dense = [p for n, p in params.items() if n not in stacks and len(p["shape"]) == 2]
     assert dense and all(p["placements"] == ["S(0)"] for p in dense)
 
@@ -97,8 +99,10 @@ def test_world_2048_step(preset: str, layers: int, rank: int) -> None:
     expected = sum(math.prod(params[name]["shape"][:-2]) for name in {o[0] for o in owners})
     assert len(owners) == ns["matrices"] == expected == len({(o[0], o[1]) for o in owners})
     assert all(0 <= o[2] < 2048 for o in owners)
-    # an expert's owner is in the 32-rank group that holds it: the ranks of its expert-parallel coordinate
-    assert all(o[2] % 64 == o[1] // e_local for o in owners if ".experts." in o[0])
+    # an expert's owner is in the 32-rank group that holds it: the ranks of its expert-parallel coordinate (a
+    # stack's matrices are numbered over its leading dims, [E] or [E, 2])
+    per_expert = {o[0]: math.prod(params[o[0]]["shape"][1:-2]) for o in owners}
+    assert all(o[2] % 64 == o[1] // per_expert[o[0]] // e_local for o in owners if ".experts." in o[0])
     assert me["run_flops"] == me["planned_flops"]  # this rank did what the plan says
     assert me["owned_matrices"] == sum(1 for o in owners if o[2] == rank)
 

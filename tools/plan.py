@@ -238,10 +238,10 @@ class MemoryEstimate:
 
 
 def _is_muon_matrix(name: str, p: nn.Parameter) -> bool:
-    """Muon takes the 2-D/3-D weights inside the blocks; embeddings, LM head and vectors stay on AdamW
-    (the same split optim/ uses)."""
+    """Muon takes the 2-D to 4-D weights (matrices and expert stacks) inside the blocks; embeddings, LM head and
+    vectors stay on AdamW (the same split optim/ uses)."""
     cat = param_category(name)
-    return cat not in ("embedding", "lm_head") and p.ndim in (2, 3)
+    return cat not in ("embedding", "lm_head") and p.ndim in (2, 3, 4)
 
 
 def memory_per_gpu(model_or_cfg: Transformer | ModelConfig, layout: Layout,

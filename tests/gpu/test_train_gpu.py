@@ -55,8 +55,9 @@ def test_bf16_tiny_run_loss_falls(tmp_path: Path, corpus_cache: Path, device: to
 def test_bf16_step_runs_grouped_gemms_in_bf16_without_fallback(tmp_path: Path, corpus_cache: Path,
                                                                device: torch.device) -> None:
     """One real bf16 trainer step (two micro-batches) under the matmul audit: every `aten._grouped_mm` (forward,
-    grad input, grad weight; one per projection per MoE layer per micro-batch) has bf16 operands, no `aten.mm`
-    runs inside a GroupedExperts forward (the per-expert fallback loop), and the only fp32 GEMMs are the router's."""
+    grad input, grad weight; one per projection, gate and up being one, per MoE layer per micro-batch) has bf16
+    operands, no `aten.mm` runs inside a GroupedExperts forward (the per-expert fallback loop), and the only fp32
+    GEMMs are the router's."""
     trainer = Trainer(config(tmp_path / "run", corpus_cache, device))
     try:
         assert trainer.device.type == device.type and trainer.compute_dtype == torch.bfloat16
@@ -71,7 +72,7 @@ def test_bf16_step_runs_grouped_gemms_in_bf16_without_fallback(tmp_path: Path, c
     cfg = trainer.cfg.model
     grouped = [c for c in audit.calls if c[0] == "_grouped_mm"]
     assert trainer.accum_steps == 2
-    assert len(grouped) == 3 * 3 * cfg.num_moe_layers * trainer.accum_steps, audit.calls
+    assert len(grouped) == 2 * 3 * cfg.num_moe_layers * trainer.accum_steps, audit.calls
     assert all(set(dtypes) == {torch.bfloat16} for _, dtypes, _ in grouped), grouped
     assert audit.expert_mms == 0
     fp32 = [c for c in audit.calls if torch.float32 in c[1]]
