@@ -91,7 +91,7 @@ def build(num_experts: int, hidden: int, k: int, inter: int, seed: int, theirs: 
     with torch.no_grad():
         hf.gate.weight.copy_(ours.gate.weight)
         hf.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
-        hf.experts.gate_up_proj.copy_(torch.cat([ours.experts.gate_proj, ours.experts.up_proj], dim=1))
+        hf.experts.gate_up_proj.copy_(ours.experts.gate_up_proj.flatten(1, 2))  # [E, 2, I, H] -> [E, 2I, H]
         hf.experts.down_proj.copy_(ours.experts.down_proj)
         for n in ("gate_proj", "up_proj", "down_proj"):
             getattr(hf.shared_experts, n).weight.copy_(getattr(ours.shared_experts, n).weight)
@@ -129,7 +129,7 @@ def check(ours: MoE, hf, tokens: int, hidden: int, seed: int) -> dict[str, float
     diff = {
         "out": (ya - yb).abs().max().item(),
         "dx": (xa.grad - xb.grad).abs().max().item(),
-        "dW_gate_up(rel)": rel(torch.cat([e.gate_proj.grad, e.up_proj.grad], dim=1), hf.experts.gate_up_proj.grad),
+        "dW_gate_up(rel)": rel(e.gate_up_proj.grad.flatten(1, 2), hf.experts.gate_up_proj.grad),
         "dW_down(rel)": rel(e.down_proj.grad, hf.experts.down_proj.grad),
         "dW_router(rel)": rel(ours.gate.weight.grad, hf.gate.weight.grad),
     }
@@ -242,7 +242,7 @@ def main() -> None:
         diff = check(ours, hf, args.tokens, args.hidden, args.seed)
         ours.to(device, dtype), hf.to(device, dtype)
         probe = torch.empty(1, args.hidden, dtype=dtype, device=device)
-        kernel = "torch._grouped_mm" if _grouped_mm_ok(probe, ours.experts.gate_proj) else "loop fallback"
+        kernel = "torch._grouped_mm" if _grouped_mm_ok(probe, ours.experts.down_proj) else "loop fallback"
         print(f"E={num_experts} top-{k} {dtype_name}: ours [{kernel}] vs {impl}; float32 max |diff| "
               + ", ".join(f"{n} {v:.1e}" for n, v in diff.items()) + " (ok)")
         g = torch.Generator().manual_seed(args.seed + 2)

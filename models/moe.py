@@ -167,49 +167,60 @@ class _ExpertFFN(torch.autograd.Function):
     """The routed experts' SwiGLU per expert block g: y_g = (silu(x_g Wg_g^T) * (x_g Wu_g^T) * r) Wd_g^T, with
     gate and up stacked as one [G, 2I, H] weight, so both projections are one grouped GEMM each way.
 
-    Written out because autograd would keep silu(gate), the product and the scaled product for the backward and
-    run SiLU, the product and the scaling as separate passes both ways. This keeps only x and the [N, 2I]
-    projection (the rest is recomputed in the backward, elementwise) and applies the routing weight r to the
-    [N, I] activation rather than to the [N, H] output: the same sum, fewer bytes (I < H in every preset)."""
+    With `token_idx` the function also does the permutation around it: the rows are gathered from the tokens
+    `x` [T, H] (row i is x[token_idx[i]]) and the outputs summed back onto their tokens, returning [T, H]; without
+    it `x` is the sorted rows themselves and the output is per row (expert parallelism, where the rows arrive by
+    all-to-all and return the same way).
+
+    Written out because autograd would keep the gathered rows, silu(gate), the product, the scaled product and
+    the rows summed back for the backward, and run each step as its own pass both ways. This keeps only x and the
+    [N, 2I] projection (the rest is recomputed in the backward), applies the routing weight r to the [N, I]
+    activation rather than to the [N, H] output (the same sum, fewer bytes: I < H in every preset), and orders
+    the backward for its peak: the weight gradients pile up, so each is made when the fewest [N, *] intermediates
+    are alive."""
 
     @staticmethod
-    def forward(ctx, x, scale, counts, gate_up, down):  # type: ignore[override]
+    def forward(ctx, x, token_idx, scale, counts, gate_up, down):  # type: ignore[override]
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        gu = grouped_matmul(x, gate_up, counts, offs)
+        rows = x if token_idx is None else x[token_idx]
+        gu = grouped_matmul(rows, gate_up, counts, offs)
+        del rows
         g, u = gu.chunk(2, dim=-1)
         h = F.silu(g).mul_(u)
         if scale is not None:
             h.mul_(scale.unsqueeze(-1).to(h.dtype))
-        ctx.save_for_backward(x, scale, counts, offs, gate_up, down, gu)
-        return grouped_matmul(h, down, counts, offs)
+        ctx.save_for_backward(x, token_idx, scale, counts, offs, gate_up, down, gu)
+        y = grouped_matmul(h, down, counts, offs)
+        return y if token_idx is None else y.new_zeros(x.shape).index_add_(0, token_idx, y)
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, scale, counts, offs, gate_up, down, gu = ctx.saved_tensors
-        dy = dy.contiguous()
+    def backward(ctx, d_out):  # type: ignore[override]
+        x, token_idx, scale, counts, offs, gate_up, down, gu = ctx.saved_tensors
+        dy = d_out.contiguous() if token_idx is None else d_out[token_idx]
         g, u = gu.chunk(2, dim=-1)
-        # Intermediates are dropped as soon as they are used: the weight gradients pile up through the backward,
-        # so the peak is set by what is still alive beside the last of them.
         silu = F.silu(g)
         act = silu * u
-        h = act if scale is None else act * scale.unsqueeze(-1).to(act.dtype)
-        d_down = grouped_weight_grad(dy, h, counts, offs)
-        del h
         dh = grouped_matmul(dy, down, counts, offs, transpose=False)
         d_scale = None
         if scale is not None:
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[2]:
                 d_scale = torch.linalg.vecdot(dh, act).to(scale.dtype)
             dh.mul_(scale.unsqueeze(-1).to(dh.dtype))
-        del act
         d_gu = torch.empty_like(gu)
         d_g, d_u = d_gu.chunk(2, dim=-1)
         torch.mul(dh, silu, out=d_u)
         del silu
         d_g.copy_(torch.ops.aten.silu_backward(dh.mul_(u), g))
-        del dh
-        dx = grouped_matmul(d_gu, gate_up, counts, offs, transpose=False)
-        return dx, d_scale, None, grouped_weight_grad(d_gu, x, counts, offs), d_down
+        del dh, d_g, d_u
+        rows = x if token_idx is None else x[token_idx]
+        d_gate_up = grouped_weight_grad(d_gu, rows, counts, offs)  # the larger weight gradient first
+        del rows
+        d_rows = grouped_matmul(d_gu, gate_up, counts, offs, transpose=False)
+        del d_gu
+        dx = d_rows if token_idx is None else d_rows.new_zeros(x.shape).index_add_(0, token_idx, d_rows)
+        del d_rows
+        h = act if scale is None else act.mul_(scale.unsqueeze(-1).to(act.dtype))
+        return dx, None, d_scale, None, d_gate_up, grouped_weight_grad(dy, h, counts, offs)
 
 
 class GroupedExperts(nn.Module):
@@ -226,14 +237,19 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [N, H] token copies sorted by expert; counts: [E_local] rows per expert; scale: an optional [N]
-        weight per row (the routing weight), applied inside -> [N, H].
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None,
+                token_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Without `token_idx`: x [N, H] token copies sorted by expert, counts [E_local] rows per expert, scale an
+        optional [N] weight per row (the routing weight) -> [N, H], one output row per input row.
+
+        With `token_idx` [N] (the token of each sorted copy): x is the tokens [T, H] -> [T, H], each token's
+        weighted sum over its copies; the copies are gathered and summed inside (`_ExpertFFN`).
 
         Under expert parallelism the weights are DTensors sharded on the expert dim; the GEMMs run on this
-        rank's local experts (the dispatch hooks of parallel/ have already brought their tokens here)."""
+        rank's local experts: the dispatch hooks of parallel/ have already gathered the copies and brought this
+        rank's here (and call this without `token_idx`)."""
         gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
-        return _ExpertFFN.apply(x, scale, counts, gate_up.flatten(1, 2), down)
+        return _ExpertFFN.apply(x, token_idx, scale, counts, gate_up.flatten(1, 2), down)
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
@@ -269,11 +285,15 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
     return Dispatch(token_idx=order // k, weight=topk_weight.flatten()[order], counts=counts, dropped=dropped)
 
 
-def unpermute(y_sorted: torch.Tensor, d: Dispatch, num_tokens: int, weighted: bool = True) -> torch.Tensor:
-    """Sum the expert outputs back onto their tokens, each weighted by its gate first unless `weighted` is
-    False (`GroupedExperts` applies the gates itself when it gets them)."""
-    y = (y_sorted * d.weight.unsqueeze(-1)).to(y_sorted.dtype) if weighted else y_sorted
-    return _SumCopies.apply(y, d.token_idx, num_tokens)
+def unpermute(y_sorted: torch.Tensor, d: Dispatch, num_tokens: int) -> torch.Tensor:
+    """Weight every expert output by its gate and sum the copies back onto their tokens (what `GroupedExperts`
+    does inside when it is given the token indices)."""
+    return sum_copies((y_sorted * d.weight.unsqueeze(-1)).to(y_sorted.dtype), d.token_idx, num_tokens)
+
+
+def sum_copies(y: torch.Tensor, token_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_tokens, H]: row t is the sum of the rows y[i] with token_idx[i] == t."""
+    return _SumCopies.apply(y, token_idx, num_tokens)
 
 
 class _SumCopies(torch.autograd.Function):
@@ -335,8 +355,8 @@ class MoE(nn.Module):
             capacity = math.ceil(cfg.capacity_factor * flat.shape[0] * cfg.num_experts_per_tok
                                  / cfg.n_routed_experts)
         d = permute(topk_idx, topk_weight, cfg.n_routed_experts, capacity)
-        y_sorted = self.experts(flat[d.token_idx], d.counts, d.weight)  # the gates are applied inside
-        y = unpermute(y_sorted, d, flat.shape[0], weighted=False).to(x.dtype)
+        # The experts gather the copies, apply the gates and sum each token's copies back themselves.
+        y = self.experts(flat, d.counts, d.weight, d.token_idx).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
 

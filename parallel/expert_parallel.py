@@ -24,7 +24,7 @@ from torch.distributed._functional_collectives import all_to_all_single, all_to_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from models.moe import GroupedExperts
+from models.moe import GroupedExperts, sum_copies
 from models.stats import is_recomputing
 from models.transformer import Transformer
 
@@ -62,16 +62,19 @@ class _Dispatcher:
 
     def __init__(self, group: dist.ProcessGroup, ep: int) -> None:
         self.group, self.ep = group, ep
-        self.plan: list[tuple[list[int], list[int], torch.Tensor, torch.Tensor | None]] = []
+        self.plan: list[tuple[Any, ...]] = []
         # Bytes of token rows this rank's forward dispatch + combine calls exchanged (benchmarks). Forwards only:
         # not a recompute (selective checkpointing replays the kept result; full recompute sends them again, as the
         # backward's all-to-alls do, neither counted here).
         self.bytes_sent = 0
 
     def dispatch(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        # The routing weights (scale) stay here: `combine` applies them to the rows that come back, so only token
-        # rows travel (GroupedExperts applies them itself when it runs without EP).
-        x, counts, scale = (*args, None) if len(args) == 2 else args
+        # Called as experts(tokens, counts, scale, token_idx) (or experts(sorted rows, counts)): the copies are
+        # gathered here and travel; the routing weights (scale) stay: `combine` applies them to the rows that come
+        # back and sums each token's copies, as GroupedExperts does itself when it runs without EP.
+        x, counts, scale, token_idx = (*args, None, None, None)[:4]
+        if token_idx is not None:
+            x = x[token_idx]
         with torch.no_grad():
             counts = counts.to(torch.int64)
             # recv[i*El + e]: rank i -> my expert e. The functional collective, so that selective checkpointing
@@ -85,17 +88,19 @@ class _Dispatcher:
             order = _regroup_index(recv, sum(recv_splits))
             local_counts = recv.sum(0)
         x_recv = all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, self.group)
-        self.plan.append((send_splits, recv_splits, order, scale))
+        self.plan.append((send_splits, recv_splits, order, scale, token_idx, args[0].shape[0]))
         if not is_recomputing():
             self.bytes_sent += (sum(send_splits) + sum(recv_splits)) * x.shape[-1] * x.element_size()
         return x_recv[order], local_counts
 
     def combine(self, module: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor:
-        send_splits, recv_splits, order, scale = self.plan.pop()
+        send_splits, recv_splits, order, scale, token_idx, num_tokens = self.plan.pop()
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
         y = all_to_all_single_autograd(y[back].contiguous(), send_splits, recv_splits, self.group)
-        return y if scale is None else (y * scale.unsqueeze(-1)).to(y.dtype)
+        if scale is not None:
+            y = (y * scale.unsqueeze(-1)).to(y.dtype)
+        return y if token_idx is None else sum_copies(y, token_idx, num_tokens)
 
 
 def apply_expert_parallel(model: Transformer, ep_mesh: DeviceMesh) -> None:

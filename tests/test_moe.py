@@ -274,7 +274,8 @@ def test_grouped_input_and_weight_gradients_with_empty_groups(dtype):
 
 def test_expert_ffn_backward_passes_gradcheck():
     """The hand-written backward of the experts' SwiGLU (with the routing weights applied inside) against finite
-    differences in float64, with an expert that gets no rows; and without weights."""
+    differences in float64, with an expert that gets no rows; without weights; and in the token form (copies
+    gathered from the tokens and summed back inside)."""
     g = gen(12)
     experts = GroupedExperts(3, 6, 4).double()
     counts = torch.tensor([2, 0, 3])
@@ -290,6 +291,13 @@ def test_expert_ffn_backward_passes_gradcheck():
     def run_plain(x, gate_up, down):
         return run(x, None, gate_up, down)
 
+    tokens = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    token_idx = torch.tensor([0, 2, 1, 2, 0])  # each row's token: gathered and summed back inside
+
+    def run_tokens(tokens, scale, gate_up, down):
+        weights = {"gate_up_proj": gate_up, "down_proj": down}
+        return torch.func.functional_call(experts, weights, (tokens, counts, scale, token_idx))
+
     with torch.no_grad():
         y = run(x, scale, gate_up, down)
         gate, up = gate_up[[0, 0, 2, 2, 2]].unbind(1)
@@ -298,6 +306,11 @@ def test_expert_ffn_backward_passes_gradcheck():
         torch.testing.assert_close(y, torch.einsum("nhi,ni->nh", w_down, h))
     assert torch.autograd.gradcheck(run, (x, scale, gate_up, down))
     assert torch.autograd.gradcheck(run_plain, (x, gate_up, down))
+    with torch.no_grad():  # the token form is the row form on the gathered rows, summed per token
+        rows = run(tokens[token_idx], scale, gate_up, down)
+        torch.testing.assert_close(run_tokens(tokens, scale, gate_up, down),
+                                   torch.zeros(3, 6, dtype=torch.float64).index_add_(0, token_idx, rows))
+    assert torch.autograd.gradcheck(run_tokens, (tokens, scale, gate_up, down))
 
 
 def test_permute_unpermute_round_trip():

@@ -9,8 +9,8 @@ views or autograd nodes share it. The backward then adds, transiently, one block
 Under each `parallel.activation_checkpointing` policy (parallel/fsdp.py):
 
 - `none`: autograd keeps what each op needs: the inputs of every matmul, the fp32 copies RMSNorm makes, SwiGLU's
-  gate / SiLU / up / product, SDPA's q, k, v, output and log-sum-exp, the router's fp32 scores, the sorted
-  token copies and expert intermediates, the int64 routing indices.
+  gate / SiLU / up / product, SDPA's q, k, v, output and log-sum-exp, the router's fp32 scores, the experts'
+  gate and up projections (their SiLU and product are recomputed), the int64 routing indices.
 - `selective`: per block, the block's input (kept by the checkpoint) and the outputs of mm / addmm / bmm /
   SDPA / grouped GEMM / all-to-all (kept by selective checkpointing); everything else is recomputed.
 - `full`: per block, only its input.
@@ -114,16 +114,18 @@ def activation_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, policy: 
         if training and cfg.aux_loss_alpha > 0:
             moe["balance loss (score sums, f)"] = t * FP32 + b * e * FP32
         moe["sort order, token ids, sorted weights"] = n * (INT64 + INT64 + FP32)
-        moe["sorted token copies"] = n * hid * c
         moe["expert gate, up (SiLU and the product are recomputed in the backward)"] = 2 * n * moe_i * c
         moe["grouped-GEMM counts, offsets"] = (e // ep) * (INT64 + INT32)
         if cfg.n_shared_experts or c == FP32:
             moe["FFN input"] = t * hid * c
         if cfg.n_shared_experts:
             moe["shared expert gate, silu, up, product"] = 4 * t * shared_i * c
-        if ep > 1:  # measured on a gloo EP run (tests): one more row copy around the all-to-all, 2 regroup orders
-            # ... and the returned rows, which the combine scales by their routing weights on the source rank
-            moe["EP: token rows around the all-to-all, returned rows, regroup orders"] = 2 * n * hid * c + 2 * n * INT64
+        # Without EP the experts gather the token copies and sum them back inside (models.moe._ExpertFFN): no copy
+        # is kept. With EP (measured on a gloo EP run, tests): the gathered copies around the all-to-all, the rows
+        # the experts received, the rows returned (the combine scales them by their gates on the source rank), and
+        # 2 regroup orders.
+        if ep > 1:
+            moe["EP: copies sent, rows received, rows returned, regroup orders"] = 3 * n * hid * c + 2 * n * INT64
     else:
         attn["block input (kept by the checkpoint)"] = t * hid * c
         if policy == "selective":
