@@ -22,7 +22,7 @@ fixed output gradient. With one torch thread (the default, --threads 1) the cloc
 (`time.thread_time`: what this computation cost, not time spent descheduled while other processes ran), else
 wall time (CUDA synchronized). The ratio column is theirs / ours step time of each alternating pair: median
 [min..max] over the --iters pairs. --memory adds the peak bytes one fwd+bwd step allocates on top of what was
-allocated before it (CUDA: the allocator's peak; CPU: the profiler's allocation events in time order). --profile
+allocated before it (CUDA: the allocator's peak; CPU: glibc's bytes in use after every op, Linux). --profile
 adds, from one profiled step of each layer, the share of the step spent outside the grouped GEMMs
 (`aten::_grouped_mm`, children included) and outside every GEMM (also the shared expert's `mm`), and the top ops.
 Benchmarks never fail a test run; record the output in docs/BENCHMARKS.md with the machine it ran on.
@@ -155,7 +155,9 @@ def bench(layers: list, x: torch.Tensor, grad: torch.Tensor, warmup: int, iters:
 
 
 def peak_bytes(m, fn, x: torch.Tensor, grad: torch.Tensor) -> int:
-    """Peak bytes allocated during one step above what was allocated when it began."""
+    """Peak bytes allocated during one step above what was allocated when it began. CUDA: the allocator's peak.
+    CPU: glibc's bytes in use (`mallinfo2`: heap chunks + mmapped blocks) read after every op, so the peak is exact
+    at op granularity (an op's own temporaries freed inside it are missed; every tensor is some op's output)."""
     if x.device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -163,16 +165,41 @@ def peak_bytes(m, fn, x: torch.Tensor, grad: torch.Tensor) -> int:
         step(m, fn, x, grad)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    in_use = _glibc_bytes_in_use()
+
+    class Peak(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, in_use())
+            return out
+
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    base = in_use()
+    with Peak() as tracker:
         step(m, fn, x, grad)
-    # An op's own (net) allocations at its start; the frees the profiler records as "[memory]" events at theirs.
-    events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                    for e in prof.events() if e.name == "[memory]" or e.self_cpu_memory_usage)
-    live = peak = 0
-    for _, b in events:
-        live += b
-        peak = max(peak, live)
-    return peak
+    return tracker.peak - base
+
+
+def _glibc_bytes_in_use():
+    """A function returning the bytes glibc's malloc has handed out and not taken back (Linux)."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+    return in_use
 
 
 def gemm_shares(m, fn, x: torch.Tensor, grad: torch.Tensor, rows: int) -> tuple[float, float, list[str]]:

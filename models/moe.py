@@ -177,7 +177,7 @@ class _ExpertFFN(torch.autograd.Function):
     [N, 2I] projection (the rest is recomputed in the backward), applies the routing weight r to the [N, I]
     activation rather than to the [N, H] output (the same sum, fewer bytes: I < H in every preset), and orders
     the backward for its peak: the weight gradients pile up, so each is made when the fewest [N, *] intermediates
-    are alive."""
+    (and, on CPU in bf16, transposed weight copies) are alive."""
 
     @staticmethod
     def forward(ctx, x, token_idx, scale, counts, gate_up, down):  # type: ignore[override]
@@ -212,13 +212,14 @@ class _ExpertFFN(torch.autograd.Function):
         del silu
         d_g.copy_(torch.ops.aten.silu_backward(dh.mul_(u), g))
         del dh, d_g, d_u
-        rows = x if token_idx is None else x[token_idx]
-        d_gate_up = grouped_weight_grad(d_gu, rows, counts, offs)  # the larger weight gradient first
-        del rows
+        # The input gradient first (summed onto the tokens, its [N, H] rows are gone before the weight gradients),
+        # then the larger weight gradient, then down's.
         d_rows = grouped_matmul(d_gu, gate_up, counts, offs, transpose=False)
-        del d_gu
         dx = d_rows if token_idx is None else d_rows.new_zeros(x.shape).index_add_(0, token_idx, d_rows)
         del d_rows
+        rows = x if token_idx is None else x[token_idx]
+        d_gate_up = grouped_weight_grad(d_gu, rows, counts, offs)
+        del rows, d_gu
         h = act if scale is None else act.mul_(scale.unsqueeze(-1).to(act.dtype))
         return dx, None, d_scale, None, d_gate_up, grouped_weight_grad(dy, h, counts, offs)
 
