@@ -177,7 +177,7 @@ def estimate(inp: CommInputs, hw: Hardware, profile: list[list[float]] | None) -
     ep = inp.ep
     rows = inp.tokens_per_micro * inp.top_k  # token copies this rank routes (and, balanced, receives)
     phase = rows * inp.hidden * c  # one phase (e.g. the dispatch), through the collective incl. own chunk
-    phases = (2 * steps_fwd + 2) * inp.moe_layers * inp.micro_batches if ep > 1 else 0
+    phases = int((2 * steps_fwd + 2) * inp.moe_layers * inp.micro_batches) if ep > 1 else 0  # a call count
     forward_through = 2 * phase * inp.moe_layers if ep > 1 else 0  # one forward, no recompute: dispatch_bytes
     wire = phase * (ep - 1) / ep if ep > 1 else 0.0  # per phase, balanced, own chunk left out
     local_peers = min(ep, hw.gpus_per_node) - 1
