@@ -2,8 +2,11 @@
 auxiliary-loss-free correction bias, stacked routed experts run as one grouped GEMM, a shared expert.
 
 The token path is split into seams so expert parallelism can be applied from outside (parallel/):
-`route` -> `permute` (sort token copies by expert) -> `experts(x_sorted, counts)` -> `unpermute`.
-Expert parallelism replaces only the middle call with an all-to-all around the local grouped GEMM.
+`route` -> `permute` (one sort of the token copies by expert) -> `experts(tokens, counts, gates, token_idx)`,
+which gathers the copies, runs the grouped GEMMs, applies the gates and sums each token's copies back
+(`unpermute` is the same sum, standalone). Expert parallelism hooks only that call: its pre-hook gathers the
+copies and sends them by all-to-all, the local experts run on what arrives, and its post-hook sends the rows
+back, applies the gates and sums.
 """
 
 from __future__ import annotations
