@@ -2,9 +2,11 @@
 
 Per MoE layer (the model computes the routing and sorts token copies by global expert id first):
 
-    x_sorted, counts[E] ──(pre-hook)──► exchange counts ─► all_to_all_single(x) with uneven splits
-        ─► regroup received rows by local expert ─► GroupedExperts (local weights, grouped GEMM)
+    tokens, counts[E], gates, token_idx ──(pre-hook)──► gather the copies (sorted by expert) ─► exchange counts
+        ─► all_to_all_single(copies) with uneven splits ─► regroup received rows by local expert
+        ─► GroupedExperts (local weights, grouped GEMM; no gates, no gather)
         ─(post-hook)─► undo the regrouping ─► reverse all_to_all_single ─► rows back in sorted order
+        ─► scale by the gates, sum each token's copies
 
 The exchange is installed as forward hooks on the model's own `GroupedExperts` module instead of a
 wrapper module, so parameter names (and therefore checkpoints) are the same with and without EP. Both
