@@ -14,6 +14,11 @@ from typing import Any
 import torch
 
 
+def fmt_ms(seconds: float) -> str:
+    """Seconds as milliseconds with one decimal and thousands separators."""
+    return f"{1e3 * seconds:,.1f}"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
