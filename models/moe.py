@@ -4,7 +4,7 @@ auxiliary-loss-free correction bias, stacked routed experts run as one grouped G
 The token path is split into seams so expert parallelism can be applied from outside (parallel/):
 `route` -> `permute` (one sort of the token copies by expert) -> `experts(tokens, counts, gates, token_idx)`,
 which gathers the copies, runs the grouped GEMMs, applies the gates and sums each token's copies back
-(`unpermute` is the same sum, standalone). Expert parallelism hooks only that call: its pre-hook gathers the
+(`sum_copies` is that sum, standalone). Expert parallelism hooks only that call: its pre-hook gathers the
 copies and sends them by all-to-all, the local experts run on what arrives, and its post-hook sends the rows
 back, applies the gates and sums.
 """
@@ -287,12 +287,6 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
         order = order[keep]  # a data-dependent size: the one host sync of capacity dropping (dropless has none)
         counts = counts.clamp(max=capacity)
     return Dispatch(token_idx=order // k, weight=topk_weight.flatten()[order], counts=counts, dropped=dropped)
-
-
-def unpermute(y_sorted: torch.Tensor, d: Dispatch, num_tokens: int) -> torch.Tensor:
-    """Weight every expert output by its gate and sum the copies back onto their tokens (what `GroupedExperts`
-    does inside when it is given the token indices)."""
-    return sum_copies((y_sorted * d.weight.unsqueeze(-1)).to(y_sorted.dtype), d.token_idx, num_tokens)
 
 
 def sum_copies(y: torch.Tensor, token_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:

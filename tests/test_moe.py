@@ -20,7 +20,7 @@ from models.moe import (
     grouped_weight_grad,
     permute,
     sequence_balance_loss,
-    unpermute,
+    sum_copies,
 )
 from tests.model_helpers import gen, moe_config, randomize_
 
@@ -313,7 +313,7 @@ def test_expert_ffn_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(run_tokens, (tokens, scale, gate_up, down))
 
 
-def test_permute_unpermute_round_trip():
+def test_permute_and_sum_copies_round_trip():
     topk_idx = torch.tensor([[2, 0], [0, 1], [2, 1], [0, 2]])
     weight = torch.arange(8, dtype=torch.float32).view(4, 2) + 1
     d = permute(topk_idx, weight, num_experts=4)
@@ -321,7 +321,7 @@ def test_permute_unpermute_round_trip():
     assert d.token_idx.tolist() == [0, 1, 3, 1, 2, 0, 2, 3]  # stable: token order inside each expert
     assert d.weight.tolist() == [2, 3, 7, 4, 6, 1, 5, 8]
     y = torch.ones(8, 3)
-    out = unpermute(y, d, num_tokens=4)
+    out = sum_copies(y * d.weight.unsqueeze(-1), d.token_idx, num_tokens=4)  # gated copies back on their tokens
     torch.testing.assert_close(out, weight.sum(-1, keepdim=True).expand(4, 3))
 
     d = permute(topk_idx, weight, num_experts=4, capacity=2)
