@@ -217,12 +217,15 @@ class _ExpertFFN(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 d_scale = torch.linalg.vecdot(dh, act).to(scale.dtype)
             dh.mul_(scale.unsqueeze(-1).to(dh.dtype))
-        d_gu = torch.empty_like(gu)
-        d_g, d_u = d_gu.chunk(2, dim=-1)
-        torch.mul(dh, silu, out=d_u)
-        del silu
-        torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=d_g)
-        del dh, d_g, d_u
+        if torch.compiler.is_compiling():  # dynamo rejects a non-contiguous out= (a graph break); inductor fuses this
+            d_gu = torch.cat([torch.ops.aten.silu_backward(dh * u, g), dh * silu], dim=-1)
+        else:  # eager: both halves written in place, no [N, I] temporaries and no concatenation pass
+            d_gu = torch.empty_like(gu)
+            d_g, d_u = d_gu.chunk(2, dim=-1)
+            torch.mul(dh, silu, out=d_u)
+            torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=d_g)
+            del d_g, d_u
+        del silu, dh
         # The input gradient first (summed onto the tokens, its [N, H] rows are gone before the weight gradients),
         # then the larger weight gradient, then down's.
         d_rows = grouped_matmul(d_gu, gate_up, counts, offs, transpose=False)
@@ -285,7 +288,10 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
     k = topk_idx.shape[1]
     flat = topk_idx.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # A scatter-add, not torch.bincount: CUDA's bincount reads the input's max on the host to size its output (a
+    # device->host sync per MoE layer), and its data-dependent shape breaks torch.compile's graph; this has neither.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     dropped = 0
     if capacity is not None:
         starts = torch.cumsum(counts, 0) - counts

@@ -36,3 +36,30 @@ def test_compiled_blocks_train_like_eager(tmp_path: Path, capsys: pytest.Capture
     assert len(losses[True]) == 20
     assert max(abs(a - b) for a, b in zip(losses[False], losses[True], strict=True)) < 1e-4
     assert losses[True][-1] < losses[True][0]
+
+
+def test_moe_layer_compiles_into_one_graph_both_ways(tiny_config) -> None:
+    """The MoE layer — routing, the sort, the expert FFN's custom autograd function with its fp32 grouped GEMMs —
+    compiles with `fullgraph=True` (a graph break raises) and equals eager forward and backward: the backward's
+    gradient halves are written without a non-contiguous `out=`, and the fp32 grouped GEMM is a custom op rather
+    than a `torch.compiler.disable` region (either broke the graph before)."""
+    import torch
+
+    from models.moe import MoE
+
+    cfg = tiny_config(hidden_size=64, moe_intermediate_size=32)  # rows 16-byte aligned: the grouped-GEMM path
+    torch.manual_seed(0)
+    layer = MoE(cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    eager_out = layer(x)[0]
+    eager_out.square().sum().backward()
+    eager = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    compiled_out = torch.compile(layer, fullgraph=True)(x)[0]
+    compiled_out.square().sum().backward()
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip([x.grad] + [p.grad for p in layer.parameters()], eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
