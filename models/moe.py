@@ -193,7 +193,7 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_idx, scale, counts, gate_up, down):  # type: ignore[override]
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        rows = x if token_idx is None else x.index_select(0, token_idx)  # (index_select: 1.6x faster than x[idx])
+        rows = x if token_idx is None else x.index_select(0, token_idx)  # (1.6-2.4x faster than x[idx] on CPU)
         gu = grouped_matmul(rows, gate_up, counts, offs)
         del rows
         g, u = gu.chunk(2, dim=-1)
@@ -289,7 +289,8 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
     flat = topk_idx.flatten()
     order = torch.argsort(flat, stable=True)
     # A scatter-add, not torch.bincount: CUDA's bincount reads the input's max on the host to size its output (a
-    # device->host sync per MoE layer), and its data-dependent shape breaks torch.compile's graph; this has neither.
+    # device->host sync per MoE layer), and torch.compile sees a data-dependent output shape (a graph break unless
+    # dynamic output shapes are captured); this has neither.
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     dropped = 0
