@@ -1,4 +1,5 @@
-"""`train.compile`: each transformer block compiled (inductor on CPU) trains to the same losses as eager."""
+"""`train.compile`: each transformer block compiled (inductor on CPU) trains to the same losses as eager, and the MoE
+layer compiles into one graph both ways."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from models.moe import MoE
 from train.config import load_config
 from train.trainer import Trainer
 
@@ -43,10 +46,6 @@ def test_moe_layer_compiles_into_one_graph_both_ways(tiny_config) -> None:
     compiles with `fullgraph=True` (a graph break raises) and equals eager forward and backward: the backward's
     gradient halves are written without a non-contiguous `out=`, and the fp32 grouped GEMM is a custom op rather
     than a `torch.compiler.disable` region (either broke the graph before)."""
-    import torch
-
-    from models.moe import MoE
-
     cfg = tiny_config(hidden_size=64, moe_intermediate_size=32)  # rows 16-byte aligned: the grouped-GEMM path
     torch.manual_seed(0)
     layer = MoE(cfg)

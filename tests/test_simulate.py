@@ -65,12 +65,13 @@ def start_simulations() -> None:
 
 def _simulate(preset: str, layers: int, rank: int) -> dict:
     """The command's JSON report for one of `_RUNS`."""
-    start_simulations()  # (already started when the whole module was collected)
+    start_simulations()  # (a no-op when tests/conftest.py started them after collection)
     done = _FUTURES[(preset, layers, rank)].result()
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
 
+# The first MoE layer is layer 1 in K2 and layer 3 in DeepSeek-V3: simulate up to it.
 @pytest.mark.parametrize("preset,layers,rank", [("k2-1t", 2, 0), ("deepseek-v3-671b", 4, 1337)])
 def test_world_2048_step(preset: str, layers: int, rank: int) -> None:
     full_cfg = load_config(ROOT / "configs" / f"{preset}.yaml", [])
