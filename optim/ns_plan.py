@@ -1,9 +1,10 @@
 """Newton–Schulz ownership, planned without a process group: which rank orthogonalizes which matrix.
 
 Given the layout of every Muon update (global shape, mesh, placements), `plan_ownership` finds for every matrix
-(one expert's `[out, in]` counts as one) the group of ranks its pieces are split over and one owner in that
-group, greedy by NS cost and the same on every rank. `optim/distributed_ns.py` runs the plan;
-`tools/simulate.py` reports it at world sizes no test can start.
+(one expert's `[out, in]` counts as one) the group of ranks its pieces are split over and its **team** in that
+group: one owner, or — for a matrix too costly for one rank's share — several members, each orthogonalizing a block
+of its long side (see :func:`plan_ownership`), greedy by NS cost and the same on every rank.
+`optim/distributed_ns.py` runs the plan; `tools/simulate.py` reports it at world sizes no test can start.
 """
 
 from __future__ import annotations
@@ -34,6 +35,27 @@ def ns_flops(shape: torch.Size | tuple[int, ...], steps: int = NS_STEPS) -> int:
     return math.prod(batch) * steps * (4 * n * n * m + 2 * n**3)
 
 
+def ns_block_flops(shape: torch.Size | tuple[int, ...], long: int, steps: int = NS_STEPS) -> int:
+    """FLOPs of a team member's Newton–Schulz on a block of ``long`` entries of the long side of an [n, m] matrix
+    (optim/newton_schulz.py :func:`~optim.newton_schulz.block_step`): per step its part of X Xᵀ (2 n² long) and two
+    products with the whole Gram matrix (4 n² long). No A² (2 n³): a block cannot split it."""
+    n = min(shape[-2:])
+    return steps * 6 * n * n * long
+
+
+BALANCE_SLACK = 0.05
+"""Whole-matrix owners are kept when the busiest rank has at most this much more NS work than the mean."""
+BLOCK_SHARE = 1 / 16
+"""Otherwise every matrix costing more than this share of a rank's mean load is split into the fewest long-side
+blocks that cost at most this much each (so greedy assignment can even the load out to about this share). At world
+2048 (tests/test_simulate.py) this keeps every rank within 5% of the mean for K2 and DeepSeek-V3, with and without
+pipeline parallelism (1/8 leaves K2 under PP16 at 9%); teams have up to 34 members."""
+MAX_TEAM = 64
+"""At most this many members per team: each one receives about two Gram matrices (``2 n²``) per step whatever the
+team's size, so a larger team costs more traffic in all for less work each (a model cut to a few layers, as the
+simulator runs, would otherwise split its few matrices over every rank)."""
+
+
 def assign_owners(shapes: list[tuple[int, ...]], world: int) -> list[int]:
     """Greedy longest-processing-time assignment of matrices to ranks ``0..world-1`` by NS FLOPs
     (deterministic): the one-group special case of :func:`plan_ownership`."""
@@ -44,6 +66,23 @@ def assign_owners(shapes: list[tuple[int, ...]], world: int) -> list[int]:
         owners[i] = r
         load[r] += ns_flops(shapes[i])
     return owners
+
+
+def chunk_bounds(size: int, k: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the `k` chunks torch.chunk cuts `size` into (ceil-sized; trailing chunks short or
+    empty)."""
+    c = -(-size // k)
+    return [(min(size, j * c), min(size, (j + 1) * c)) for j in range(k)]
+
+
+def team_received(n: int, k: int, j: int, steps: int) -> int:
+    """Elements member `j` of a `k`-member team receives to sum the team's partial Gram matrices (``n x n``) at
+    each of `steps` steps and the squared norm once: a reduce-scatter of row chunks, then an all-gather."""
+    if k == 1:
+        return 0
+    lo, hi = chunk_bounds(n, k)[j]
+    norm = (k - 1) if j == 0 else 1  # the one element lies in chunk 0
+    return steps * ((k - 1) * (hi - lo) * n + (n - (hi - lo)) * n) + norm
 
 
 def _rows_of(rows: int, world: int, rank: int) -> int:
@@ -140,26 +179,58 @@ def _mesh_ranks(mesh: DeviceMesh) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class MatrixOwnership:
-    """One matrix of the plan."""
+    """One matrix of the plan and its team: one owner (``team == (owner_rank,)``, one block: the whole matrix), or
+    several members, member ``j`` orthogonalizing ``blocks[j]`` of the long side (``long_dim``: 0 rows, 1
+    columns; the columns of a square matrix) with the whole Gram matrix summed over the team at every step."""
 
     tensor: int  # position of its update in the layouts
     index: int  # which matrix of that update: row-major index over its leading (expert) dims
     group: tuple[int, ...]  # global ranks its pieces are split over, in group-rank order
-    owner: int  # owner's position in `group` (its group-relative rank when the group is a process group)
-    owner_rank: int  # owner's global rank
-    flops: int  # NS FLOPs
+    owner: int  # the first member's position in `group` (its group-relative rank when the group is a process group)
+    owner_rank: int  # the first member's global rank
+    flops: int  # NS FLOPs, the whole team's
     numel: int  # elements of the matrix
+    team: tuple[int, ...] = ()  # global ranks of the members, in block order
+    blocks: tuple[tuple[int, int], ...] = ()  # each member's [start, stop) of the long side
+    member_flops: tuple[int, ...] = ()
+    long_dim: int = 1
+
+    def block_piece(self, piece: tuple[Runs, Runs], j: int) -> tuple[tuple[Runs, Runs], tuple[Runs, Runs]]:
+        """The part of a group member's piece (its (row runs, column runs) of the matrix) inside block `j`: its
+        positions in the piece and its indices in the block, per dim (both (rows, columns))."""
+        lo, hi = self.blocks[j]
+        out_pos, out_idx = [], []
+        for d, runs in enumerate(piece):
+            if d != self.long_dim:
+                out_pos.append(((0, _length(runs)),))
+                out_idx.append(runs)
+                continue
+            pos_runs, idx_runs, at = [], [], 0
+            for a, b in runs:
+                s, e = max(a, lo), min(b, hi)
+                if s < e:
+                    pos_runs.append((at + s - a, at + e - a))
+                    idx_runs.append((s - lo, e - lo))
+                at += b - a
+            out_pos.append(tuple(pos_runs))
+            out_idx.append(tuple(idx_runs))
+        return (out_pos[0], out_pos[1]), (out_idx[0], out_idx[1])
+
+    def block_shape(self, j: int, shape: Sequence[int]) -> tuple[int, int]:
+        lo, hi = self.blocks[j]
+        return (hi - lo, shape[-1]) if self.long_dim == 0 else (shape[-2], hi - lo)
 
 
 @dataclass
 class RankLoad:
     """What one rank does for NS in one call (from the plan)."""
 
-    flops: int = 0  # NS FLOPs of the matrices it owns
-    matrices: int = 0  # matrices it owns
-    gather_bytes: int = 0  # received to assemble its matrices: what it owns minus what it already holds
+    flops: int = 0  # NS FLOPs of the matrices and blocks it owns
+    matrices: int = 0  # matrices it owns or is a team member of
+    gather_bytes: int = 0  # received to assemble its matrices / blocks: what it owns minus what it already holds
     return_bytes: int = 0  # received back: its pieces of matrices others own
     held_bytes: int = 0  # bytes of update shards it holds (for comparison)
+    team_bytes: int = 0  # received to sum Gram matrices (and norms) over its teams
 
 
 @dataclass(frozen=True)
@@ -193,8 +264,20 @@ class OwnershipPlan:
         return sum(m.flops for m in self.matrices)
 
     def owner_of(self, tensor: int, index: int, rank: int) -> int:
-        """Global rank owning matrix `index` of update `tensor` in the group of global rank `rank`."""
+        """Global rank owning (first member of the team of) matrix `index` of update `tensor` in the group of
+        global rank `rank`."""
         return self._owner[(tensor, index, self.infos[tensor].rank_group[rank][0])]
+
+    def matrix(self, tensor: int, index: int, rank: int) -> MatrixOwnership:
+        """The plan entry of matrix `index` of update `tensor` in the group of global rank `rank`."""
+        if not hasattr(self, "_entries"):
+            self._entries = {(m.tensor, m.index, m.group): m for m in self.matrices}
+        return self._entries[(tensor, index, self.infos[tensor].groups[self.infos[tensor].rank_group[rank][0]])]
+
+    @functools.cached_property
+    def split(self) -> frozenset[tuple[int, tuple[int, ...]]]:
+        """(tensor, group) of every matrix orthogonalized by a team of several members."""
+        return frozenset((m.tensor, m.group) for m in self.matrices if len(m.team) > 1)
 
     def per_rank(self) -> dict[int, RankLoad]:
         """NS FLOPs, owned matrices and bytes (held, received to assemble, received back) per global rank of
@@ -218,12 +301,22 @@ class OwnershipPlan:
             loads[r].return_bytes += nbytes  # every piece of a shared matrix comes back, but the owner's own
         for m in self.matrices:
             info, size = self.infos[m.tensor], self.layouts[m.tensor].itemsize
-            own = loads.setdefault(m.owner_rank, RankLoad())
-            own.flops += m.flops
-            own.matrices += 1
-            if len(m.group) > 1:
-                own.gather_bytes += (m.numel - info.piece_numel[m.owner]) * size
-                own.return_bytes -= info.piece_numel[m.owner] * size
+            shape = self.layouts[m.tensor].shape
+            n = min(shape[-2:])
+            for j, r in enumerate(m.team):
+                own = loads.setdefault(r, RankLoad())
+                own.flops += m.member_flops[j]
+                own.matrices += 1
+                if len(m.group) > 1:
+                    pos = info.rank_group[r][1]
+                    if len(m.team) == 1:
+                        mine = info.piece_numel[pos]
+                    else:
+                        (rows, cols), _ = m.block_piece(info.pieces[pos], j)
+                        mine = _length(rows) * _length(cols)
+                    own.gather_bytes += (math.prod(m.block_shape(j, shape)) - mine) * size
+                    own.return_bytes -= mine * size
+                own.team_bytes += team_received(n, len(m.team), j, self.steps) * size
         return loads
 
 
@@ -296,15 +389,22 @@ def _ravel(coord: Sequence[int], shape: Sequence[int]) -> int:
     return flat
 
 
-def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS) -> OwnershipPlan:
-    """Owner of every matrix of `layouts` (pure: the same on every rank, and callable without a process group).
+def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS, split: bool = True) -> OwnershipPlan:
+    """The team of every matrix of `layouts` (pure: the same on every rank, and callable without a process group).
 
-    Each matrix (one per leading index of each update, per replica group) is owned by one member of the group
-    its pieces are split over. Matrices of one-rank groups are assigned first; the rest go largest NS cost
-    first (ties: update order, then matrix index) to the group member with the least NS FLOPs so far (ties:
-    the lower global rank), loads counted across all groups. Returns an :class:`OwnershipPlan`: ``matrices``
-    (a :class:`MatrixOwnership` each: group, owner's group position and global rank, FLOPs), ``per_rank()``
-    (FLOPs and bytes per rank), ``total_flops``.
+    Each matrix (one per leading index of each update, per replica group) is orthogonalized by a team inside the
+    group its pieces are split over. Matrices of one-rank groups are that rank's. The rest go largest NS cost
+    first (ties: update order, then matrix index) to the group member with the least NS FLOPs so far (ties: the
+    lower global rank), loads counted across all groups. If that leaves the busiest rank more than
+    :data:`BALANCE_SLACK` above the mean and `split` is set, the plan is made again with every shared matrix that
+    costs more than :data:`BLOCK_SHARE` of the mean split into the fewest long-side blocks that cost at most that
+    each, the blocks of one matrix going to distinct least-loaded members (a team). A single matrix can cost more
+    than a rank's share (DeepSeek-V3's dense FFN matrices, 22.6 TFLOP against a 15.8 TFLOP mean at world 2048),
+    and whole matrices stacked on uniform fixed loads cannot be evened out (K2 under pipeline parallelism: every
+    rank's 36 whole experts, then 12 TFLOP output projections on top of some): only blocks balance those.
+
+    Returns an :class:`OwnershipPlan`: ``matrices`` (a :class:`MatrixOwnership` each: group, team, blocks,
+    FLOPs), ``per_rank()`` (FLOPs and bytes per rank), ``total_flops``.
     """
     layouts = tuple(layouts)
     infos = [_tensor_info(lay) for lay in layouts]
@@ -316,38 +416,67 @@ def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS) -> Ownershi
             g = gid.setdefault(group, len(gid))
             items.extend((flops, t, b, gi, g) for b in sorted(held))
     members = {g: group for group, g in gid.items()}
-    load: dict[int, int] = {}
+    teams, load = _assign(items, members, layouts, steps, None)
+    ranks = {r for group in members.values() for r in group}
+    mean = sum(it[0] for it in items) / max(1, len(ranks))
+    if split and steps > 0 and max(load.values(), default=0) > (1 + BALANCE_SLACK) * mean:
+        teams, load = _assign(items, members, layouts, steps, BLOCK_SHARE * mean)
+    matrices = []
     owner: dict[tuple[int, int, int], int] = {}
+    for _, t, b, gi, _ in items:
+        info, shape = infos[t], layouts[t].shape
+        team, blocks, member_flops = teams[(t, b, gi)]
+        owner[(t, b, gi)] = team[0]
+        matrices.append(MatrixOwnership(t, b, info.groups[gi], info.rank_group[team[0]][1], team[0],
+                                        sum(member_flops), math.prod(shape[-2:]), team, blocks, member_flops,
+                                        0 if shape[-2] > shape[-1] else 1))
+    return OwnershipPlan(layouts, steps, matrices, infos, owner)
+
+
+def _assign(items: list[tuple], members: dict[int, tuple[int, ...]], layouts: tuple[Layout, ...], steps: int,
+            block_cost: float | None) -> tuple[dict, dict[int, int]]:
+    """Greedy assignment of :func:`plan_ownership`: ``(t, b, gi) -> (team, blocks, member FLOPs)`` and the load
+    per rank. ``block_cost``: split shared matrices costing more into blocks of at most this cost (None: never)."""
+    load: dict[int, int] = {}
+    teams: dict[tuple[int, int, int], tuple] = {}
     heaps: dict[int, list[tuple[int, int]]] = {}
-    forced = [it for it in items if len(members[it[4]]) == 1]
-    rest = sorted((it for it in items if len(members[it[4]]) > 1), key=lambda it: (-it[0], it[1], it[2], it[3]))
-    for flops, t, b, gi, g in forced:
-        r = members[g][0]
-        owner[(t, b, gi)] = r
-        load[r] = load.get(r, 0) + flops
-    for flops, t, b, gi, g in rest:
+    rest = []  # (cost of one block, tensor, matrix, group index, group id, blocks, FLOPs per block)
+    for flops, t, b, gi, g in items:
+        shape = layouts[t].shape[-2:]
+        long = max(shape)
+        if len(members[g]) == 1:
+            r = members[g][0]
+            teams[(t, b, gi)] = ((r,), ((0, long),), (flops,))
+            load[r] = load.get(r, 0) + flops
+            continue
+        k = 1
+        if block_cost is not None and flops > block_cost:
+            k = min(len(members[g]), long, MAX_TEAM, math.ceil(ns_block_flops(shape, long, steps) / block_cost))
+        blocks = ((0, long),) if k == 1 else tuple(chunk_bounds(long, k))
+        costs = (flops,) if k == 1 else tuple(ns_block_flops(shape, hi - lo, steps) for lo, hi in blocks)
+        rest.append((max(costs), t, b, gi, g, blocks, costs))
+    rest.sort(key=lambda it: (-it[0], it[1], it[2], it[3]))
+    for _, t, b, gi, g, blocks, costs in rest:
         heap = heaps.get(g)
         if heap is None:
             heap = heaps[g] = [(load.get(r, 0), r) for r in members[g]]
             heapq.heapify(heap)
-        while True:  # keys are loads when pushed; a rank loaded since (by another group) goes back in
-            stored, r = heapq.heappop(heap)
+        team = []
+        while len(team) < len(blocks):  # the least-loaded members; keys are loads when pushed, so a rank
+            stored, r = heapq.heappop(heap)  # loaded since (by another group) goes back in with its new load
             if stored == load.get(r, 0):
-                break
-            heapq.heappush(heap, (load.get(r, 0), r))
-        owner[(t, b, gi)] = r
-        load[r] = stored + flops
-        heapq.heappush(heap, (load[r], r))
-    matrices = []
-    for flops, t, b, gi, _ in items:
-        info, r = infos[t], owner[(t, b, gi)]
-        matrices.append(MatrixOwnership(t, b, info.groups[gi], info.rank_group[r][1], r, flops,
-                                        math.prod(layouts[t].shape[-2:])))
-    return OwnershipPlan(layouts, steps, matrices, infos, owner)
+                team.append(r)
+            else:
+                heapq.heappush(heap, (load.get(r, 0), r))
+        for r, c in zip(team, costs, strict=True):
+            load[r] = load.get(r, 0) + c
+            heapq.heappush(heap, (load[r], r))
+        teams[(t, b, gi)] = (tuple(team), blocks, costs)
+    return teams, load
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_plan(layouts: tuple[Layout, ...], steps: int) -> OwnershipPlan:
-    return plan_ownership(layouts, steps)
+def _cached_plan(layouts: tuple[Layout, ...], steps: int, split: bool = True) -> OwnershipPlan:
+    return plan_ownership(layouts, steps, split)
 
 

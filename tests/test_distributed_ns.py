@@ -3,6 +3,7 @@ ownership plan (a pure function) at K2 scale."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,12 @@ from optim.distributed_ns import (
     assign_owners,
     dim_runs,
     layout_of,
+    ns_block_flops,
     ns_flops,
     orthogonalize,
     plan_ownership,
 )
+from optim.newton_schulz import zeropower_via_newtonschulz5
 from parallel.mesh import ParallelDims, build_mesh, dp_mesh
 from tests.dist_harness import run_ranks
 
@@ -150,7 +153,7 @@ def _mesh_worker(rank: int, world: int, out_path: str) -> None:
             assert r.placements == d.placements and r.shape == d.shape
             # compared shard by shard: full_tensor() is wrong for uneven nested splits of one dim (torch 2.13)
             torch.testing.assert_close(r.to_local(), reference_ns(x)[_local_indices(x, d)], rtol=0, atol=1e-6)
-        plan = plan_ownership([layout_of(d) for d in sharded])
+        plan = plan_ownership([layout_of(d) for d in sharded], split=False)  # reference_ns: whole matrices
         mine = plan.per_rank()[rank]
         assert (mine.flops, mine.gather_bytes) == (stats.local_flops, stats.bytes_received_gather)
         assert mine.gather_bytes + mine.return_bytes == stats.bytes_received
@@ -256,9 +259,74 @@ def test_runs_on_a_fake_process_group_as_one_rank_of_64() -> None:
         stats = NSStats()
         out = orthogonalize(updates, lambda x: x.clone(), stats=stats)
         assert [o.to_local().shape for o in out] == [u.to_local().shape for u in updates]
-        load = plan_ownership([layout_of(u) for u in updates]).per_rank()[rank]
+        # (any other NS function than the project's gets whole matrices: no teams)
+        load = plan_ownership([layout_of(u) for u in updates], split=False).per_rank()[rank]
         assert stats.collectives == 4  # two keys: the dp_mod_ep group, the dp group
         assert (stats.local_flops, stats.bytes_received_gather) == (load.flops, load.gather_bytes)
         assert stats.bytes_received == load.gather_bytes + load.return_bytes
     finally:
         dist.destroy_process_group()
+
+
+# --- teams: a matrix too costly for one rank's share, split over several ----------------------------------------
+
+# One wide and one tall matrix that cost most of the work, a square one, and small ones (uneven rows on 4 ranks)
+TEAM_SHAPES = [(40, 96), (96, 40), (64, 64), (8, 8), (6, 10), (12, 5), (4, 4)]
+
+
+def _team_worker(rank: int, world: int, out_path: str) -> None:
+    mesh = build_mesh(ParallelDims(world, world, 2), "cpu")
+    g = torch.Generator().manual_seed(2)
+    full = [torch.randn(s, generator=g) for s in TEAM_SHAPES]
+    stack = torch.randn(2, 48, 24, generator=g)  # expert stack, rows over dp_mod_ep: (Shard(1), Shard(0))
+    sharded = [distribute_tensor(x, dp_mesh(mesh), [Shard(0)]) for x in full]
+    sharded.append(distribute_tensor(stack, mesh["dp_mod_ep", "ep"], (Shard(1), Shard(0))))
+    report = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ns = functools.partial(zeropower_via_newtonschulz5, steps=5, dtype=dtype)
+        stats = NSStats()
+        result = orthogonalize(sharded, ns, stats=stats)
+        for x, d, r in zip([*full, stack], sharded, result, strict=True):
+            assert r.placements == d.placements
+            idx = _local_indices(x, d)
+            exact = zeropower_via_newtonschulz5(x, steps=5, dtype=torch.float32)[idx]  # one process, whole matrix
+            if dtype == torch.float32:
+                torch.testing.assert_close(r.to_local(), exact, rtol=0, atol=1e-5)
+            elif exact.numel():  # bf16 rounds differently in blocks: no farther from fp32 than one process's (x1.5)
+                one = zeropower_via_newtonschulz5(x, steps=5, dtype=dtype)[idx]
+                assert (r.to_local() - exact).abs().max() <= 1.5 * (one - exact).abs().max() + 1e-6
+        plan = plan_ownership([layout_of(d) for d in sharded])
+        mine = plan.per_rank()[rank]
+        assert (mine.flops, mine.gather_bytes) == (stats.local_flops, stats.bytes_received_gather)
+        assert stats.bytes_received_gather == stats.min_bytes_gather
+        assert mine.gather_bytes + mine.return_bytes + mine.team_bytes == stats.bytes_received
+        report[name] = (stats.local_flops, stats.collectives, stats.total_flops)
+    reports = [None] * world
+    dist.all_gather_object(reports, report)
+    if rank == 0:
+        torch.save({"reports": reports, "layouts": [layout_of(d) for d in sharded]}, out_path)
+
+
+def test_teams_split_costly_matrices_and_equal_one_process(tmp_path: Path) -> None:
+    """World 4: the two large matrices cost more than a balanced share, so each is split over a team along its long
+    side (columns of the wide one, rows of the tall one); every rank gets the single-process result (fp32 within
+    1e-5; bf16 no farther from fp32 than one process's bf16), its NS FLOPs and bytes are the plan's, and the teams'
+    Gram sums add a fixed number of collectives."""
+    run_ranks(_team_worker, 4, str(tmp_path / "out.pt"))
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    reports, layouts = out["reports"], out["layouts"]
+    plan = plan_ownership(layouts)
+    teams = {layouts[m.tensor].shape[-2:]: m for m in plan.matrices if len(m.team) > 1}
+    assert set(teams) >= {(40, 96), (96, 40), (48, 24)}  # (the experts too: their rows lie on two ranks)
+    for shape, m in teams.items():
+        assert m.long_dim == (0 if shape[0] > shape[1] else 1) and len(set(m.team)) == len(m.team)
+        assert [lo for lo, _ in m.blocks] == [0, *[hi for _, hi in m.blocks[:-1]]] and m.blocks[-1][1] == max(shape)
+        assert sum(m.member_flops) == m.flops == ns_block_flops(shape, max(shape))
+    whole = plan_ownership(layouts, split=False).per_rank()
+    loads = [r.flops for r in plan.per_rank().values()]
+    assert max(r.flops for r in whole.values()) > 1.05 * sum(r.flops for r in whole.values()) / 4  # why it splits
+    assert max(loads) <= 1.05 * sum(loads) / 4
+    for name in ("fp32", "bf16"):
+        assert sum(r[name][0] for r in reports) == reports[0][name][2] == plan.total_flops  # each matrix once
+        # per key (dense; experts): assemble, return, and two for each team sum (the norm, then 5 steps)
+        assert {r[name][1] for r in reports} == {2 * (2 + 2 * 6)}

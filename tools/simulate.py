@@ -21,8 +21,8 @@ clipping still reduces over the world (every stage's norm); statistics over the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import functools
 import json
 import resource
 import sys
@@ -61,7 +61,7 @@ from train.config import ExperimentConfig, load_config
 from train.step_hooks import register_post_step_hooks
 
 _GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-          torch.ops.aten._grouped_mm.default}
+          torch.ops.aten.baddbmm.default, torch.ops.aten._grouped_mm.default}
 
 
 class _ShapeOnlyGemms(TorchDispatchMode):
@@ -129,12 +129,6 @@ class _LargestTensor(TorchDispatchMode):
                 t = getattr(t, "_local_tensor", t)  # a DTensor's own shard, not its global size
                 self.bytes = max(self.bytes, t.numel() * t.element_size())
         return out
-
-
-def _no_iterations(x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Stands in for Newton–Schulz in a simulated step: the matrix as assembled (the iterations are arithmetic on
-    meaningless values, minutes of CPU at K2 shapes; `steps` is what the FLOP count uses)."""
-    return x
 
 
 def _muon_params(model: Transformer) -> list[tuple[str, torch.Tensor]]:
@@ -222,10 +216,11 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     another rank would see the first one's coordinates (the command and the tests run each in a fresh process).
 
     `layers` shortens the model (default: the config's depth); the ownership over the full depth is planned too.
-    `ns_steps=0` (the default) runs the optimizer's distributed Newton–Schulz without its iterations: ownership,
-    packing, the all-to-alls and the scatter back run as in training, the owner's arithmetic does not (minutes
-    of CPU per K2 matrix, on meaningless values); FLOPs are counted for the config's iterations. `ns_steps=N`
-    runs N real iterations. `pp` (default: the config's `parallel.pp`): pipeline stages (module docstring)."""
+    `ns_steps=0` (the default) runs the optimizer's distributed Newton–Schulz with shape-only GEMMs: ownership,
+    packing, the all-to-alls, the teams' Gram sums and the scatter back run as in training, the products' arithmetic
+    does not (minutes of CPU per K2 matrix, on meaningless values); FLOPs are counted for the config's iterations.
+    `ns_steps=N` runs N real iterations. `pp` (default: the config's `parallel.pp`): pipeline stages (module
+    docstring)."""
     t0 = time.perf_counter()
     pp = cfg.parallel.pp if pp is None else pp
     model_cfg = cfg.model if layers is None else dataclasses.replace(cfg.model, num_hidden_layers=layers)
@@ -245,11 +240,10 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     register_post_step_hooks(optimizer, model, cfg.optim.qk_clip_tau)
     ns_stats = NSStats()
     distributed = optimizer.orthogonalize is orthogonalize
-    if distributed:  # the same function, with this rank's figures recorded (and, by default, no NS arithmetic)
+    if distributed:  # the same function, with this rank's figures recorded (and, by default, no GEMM arithmetic)
         def recording(updates: list[torch.Tensor], ns: Callable) -> list[torch.Tensor]:
-            if ns_steps == 0:
-                ns = functools.partial(_no_iterations, steps=cfg.optim.ns_steps)
-            return orthogonalize(updates, ns, stats=ns_stats)
+            with _ShapeOnlyGemms() if ns_steps == 0 else contextlib.nullcontext():
+                return orthogonalize(updates, ns, stats=ns_stats)
         optimizer.orthogonalize = recording
     model.train()
 
@@ -298,6 +292,7 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     ns = {
         "ns_steps_counted": steps, "ns_steps_run": ns_steps,
         "matrices": len(here.matrices), "total_flops": here.total_flops,
+        "team_matrices": sum(len(m.team) > 1 for m in here.matrices),
         "this_rank": {
             "owned_matrices": mine.matrices if mine else 0, "planned_flops": mine.flops if mine else 0,
             "run_flops": ns_stats.local_flops, "bytes_received_to_assemble": ns_stats.bytes_received_gather,
@@ -308,9 +303,10 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
         "full_depth": {"layers": cfg.model.num_hidden_layers, "matrices": len(full.matrices),
                        "total_flops": full.total_flops, "per_rank_flops_min": min(flops),
                        "per_rank_flops_max": max(flops), "per_rank_flops_mean": sum(flops) / len(owners),
-                       "owner_ranks": len(owners),
+                       "owner_ranks": len(owners), "team_matrices": sum(len(m.team) > 1 for m in full.matrices),
+                       "team_bytes_max": max((x.team_bytes for x in loads.values()), default=0),
                        "largest_matrix_flops": max(x.flops for x in full.matrices)},
-        "owners": [[names[m.tensor], m.index, m.owner_rank] for m in here.matrices],
+        "owners": [[names[m.tensor], m.index, list(m.team)] for m in here.matrices],  # one rank, or a team
     } if distributed else {}
     sim = Simulation(
         world=world, ep=ep, rank=rank, pp=pp, layers=model_cfg.num_hidden_layers, tokens=micro_batch * seq_len,
@@ -348,7 +344,8 @@ def render(sim: Simulation, config: str) -> str:
     if ns:
         me, full = ns["this_rank"], ns["full_depth"]
         lines += ["", f"  Newton–Schulz ({ns['ns_steps_counted']} iterations counted, {ns['ns_steps_run']} run): "
-                      f"{ns['matrices']:,} matrices, each owned by one rank",
+                      f"{ns['matrices']:,} matrices, each orthogonalized once: by one rank, or "
+                      f"{ns['team_matrices']} by a team splitting its long side",
                   f"    this rank owns {me['owned_matrices']} ({me['planned_flops'] / 1e12:.3f} TFLOP); received "
                   f"{_gb(me['bytes_received_to_assemble'])} to assemble them "
                   f"(minimum {_gb(me['min_bytes_to_assemble'])}), "
@@ -359,7 +356,9 @@ def render(sim: Simulation, config: str) -> str:
                   f"{full['matrices']:,} matrices over {full['owner_ranks']} ranks, "
                   f"{full['total_flops'] / 1e15:.2f} PFLOP): per rank {full['per_rank_flops_min'] / 1e12:.3f} - "
                   f"{full['per_rank_flops_max'] / 1e12:.3f} TFLOP, mean {full['per_rank_flops_mean'] / 1e12:.3f} "
-                  f"(largest single matrix {full['largest_matrix_flops'] / 1e12:.3f})"]
+                  f"(largest single matrix {full['largest_matrix_flops'] / 1e12:.3f}); {full['team_matrices']} "
+                  f"matrices split over teams, whose Gram sums a rank receives at most "
+                  f"{_gb(full['team_bytes_max'])} of"]
     by_placement: dict[str, int] = defaultdict(int)
     for p in sim.params.values():
         by_placement[" x ".join(p["placements"]) or "plain"] += 1
