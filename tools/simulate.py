@@ -42,7 +42,7 @@ from models.init import canonical_name
 from models.moe import forced_balanced_routing
 from optim import build_optimizer
 from optim.distributed_ns import NSStats, orthogonalize
-from optim.ns_plan import OwnershipPlan, layout_of, plan_ownership
+from optim.ns_plan import OwnershipPlan, layout_of, ns_flops, plan_ownership
 from optim.param_groups import split_params
 from parallel import (
     ParallelDims,
@@ -305,7 +305,8 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
                        "per_rank_flops_max": max(flops), "per_rank_flops_mean": sum(flops) / len(owners),
                        "owner_ranks": len(owners), "team_matrices": sum(len(m.team) > 1 for m in full.matrices),
                        "team_bytes_max": max((x.team_bytes for x in loads.values()), default=0),
-                       "largest_matrix_flops": max(x.flops for x in full.matrices)},
+                       # of one matrix orthogonalized whole (a team's block form costs more in all)
+                       "largest_matrix_flops": max(ns_flops(lay.shape[-2:], steps) for lay in full.layouts)},
         "owners": [[names[m.tensor], m.index, list(m.team)] for m in here.matrices],  # one rank, or a team
     } if distributed else {}
     sim = Simulation(
@@ -356,7 +357,7 @@ def render(sim: Simulation, config: str) -> str:
                   f"{full['matrices']:,} matrices over {full['owner_ranks']} ranks, "
                   f"{full['total_flops'] / 1e15:.2f} PFLOP): per rank {full['per_rank_flops_min'] / 1e12:.3f} - "
                   f"{full['per_rank_flops_max'] / 1e12:.3f} TFLOP, mean {full['per_rank_flops_mean'] / 1e12:.3f} "
-                  f"(largest single matrix {full['largest_matrix_flops'] / 1e12:.3f}); {full['team_matrices']} "
+                  f"(largest single matrix, whole: {full['largest_matrix_flops'] / 1e12:.3f}); {full['team_matrices']} "
                   f"matrices split over teams, whose Gram sums a rank receives at most "
                   f"{_gb(full['team_bytes_max'])} of"]
     by_placement: dict[str, int] = defaultdict(int)
