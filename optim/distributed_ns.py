@@ -22,10 +22,10 @@ matrix. Matrices whose group is a single rank (locally whole experts) are that r
 greedily, largest NS cost first, each to the member of its group with the least NS FLOPs so far, counting across
 groups (a rank's dense and expert work share one load). Ties go to the lower global rank, so every rank computes
 the same plan; it is cached per layout list. When that leaves the busiest rank more than 5% above the mean, the
-matrices that cost more than 1/16 of the mean are split into blocks of their long side, one per member of a team of
-distinct ranks (at world 2048: DeepSeek-V3's 22.6 TFLOP dense-FFN matrices against a 15.8 TFLOP mean, and K2's
-output projections on top of the whole experts every rank holds under pipeline parallelism). A simulator calls the
-same function for a world of any size.
+matrices that cost more than 1/16 of the mean are split into blocks of their long side (at least 1024 wide), one
+per member of a team of distinct ranks (at world 2048: DeepSeek-V3's 22.6 TFLOP dense-FFN matrices against a
+15.8 TFLOP mean, and K2's output projections on top of the whole experts every rank holds under pipeline
+parallelism). A simulator calls the same function for a world of any size.
 
 **Communication.** Two phases, each one ``all_to_all_single`` (uneven splits, element counts known from the
 plan on both sides, so nothing else is exchanged) per *key* — (mesh, matrix mesh dims, dtype) — whatever the

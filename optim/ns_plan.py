@@ -47,13 +47,15 @@ BALANCE_SLACK = 0.05
 """Whole-matrix owners are kept when the busiest rank has at most this much more NS work than the mean."""
 BLOCK_SHARE = 1 / 16
 """Otherwise every matrix costing more than this share of a rank's mean load is split into the fewest long-side
-blocks that cost at most this much each (so greedy assignment can even the load out to about this share). At world
-2048 (tests/test_simulate.py) this keeps every rank within 5% of the mean for K2 and DeepSeek-V3, with and without
-pipeline parallelism (1/8 leaves K2 under PP16 at 9%); teams have up to 34 members."""
-MAX_TEAM = 64
-"""At most this many members per team: each one receives about two Gram matrices (``2 n²``) per step whatever the
-team's size, so a larger team costs more traffic in all for less work each (a model cut to a few layers, as the
-simulator runs, would otherwise split its few matrices over every rank)."""
+blocks that cost at most this much each (so greedy assignment can even the load out to about this share), and no
+narrower than :data:`MIN_BLOCK`. At world 2048 (tests/test_simulate.py) this keeps every rank within 7% of the mean
+for K2 and DeepSeek-V3, with and without pipeline parallelism; teams have up to 18 members."""
+MIN_BLOCK = 1024
+"""Fewest long-side entries of a block. A member's block of ``m_j`` columns costs ``6 n² m_j`` FLOPs per step
+against about ``2 n²`` fp32 Gram elements (``8 n²`` bytes) it receives: at least 768 FLOPs per byte at 1024, about
+what an H100 does in bf16 at 40% MFU per byte of NVLink (~900), so the exchange does not outweigh the work it
+spreads. (Without the floor, DeepSeek-V3's dense-FFN teams under PP16 had 34 members and 4 GB of Gram traffic per
+busiest rank instead of 18 and 2 GB, for 1% better balance.)"""
 
 
 def assign_owners(shapes: list[tuple[int, ...]], world: int) -> list[int]:
@@ -451,7 +453,8 @@ def _assign(items: list[tuple], members: dict[int, tuple[int, ...]], layouts: tu
             continue
         k = 1
         if block_cost is not None and flops > block_cost:
-            k = min(len(members[g]), long, MAX_TEAM, math.ceil(ns_block_flops(shape, long, steps) / block_cost))
+            k = min(len(members[g]), max(1, long // MIN_BLOCK),
+                    math.ceil(ns_block_flops(shape, long, steps) / block_cost))
         blocks = ((0, long),) if k == 1 else tuple(chunk_bounds(long, k))
         costs = (flops,) if k == 1 else tuple(ns_block_flops(shape, hi - lo, steps) for lo, hi in blocks)
         rest.append((max(costs), t, b, gi, g, blocks, costs))

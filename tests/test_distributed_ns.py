@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from optim import ns_plan
 from optim.distributed_ns import (
     Layout,
     NSStats,
@@ -274,7 +275,11 @@ def test_runs_on_a_fake_process_group_as_one_rank_of_64() -> None:
 TEAM_SHAPES = [(40, 96), (96, 40), (64, 64), (8, 8), (6, 10), (12, 5), (4, 4)]
 
 
+SMALL_BLOCK = 8  # these matrices are small: the production floor (ns_plan.MIN_BLOCK, 1024) would keep them whole
+
+
 def _team_worker(rank: int, world: int, out_path: str) -> None:
+    ns_plan.MIN_BLOCK = SMALL_BLOCK
     mesh = build_mesh(ParallelDims(world, world, 2), "cpu")
     g = torch.Generator().manual_seed(2)
     full = [torch.randn(s, generator=g) for s in TEAM_SHAPES]
@@ -307,12 +312,13 @@ def _team_worker(rank: int, world: int, out_path: str) -> None:
         torch.save({"reports": reports, "layouts": [layout_of(d) for d in sharded]}, out_path)
 
 
-def test_teams_split_costly_matrices_and_equal_one_process(tmp_path: Path) -> None:
+def test_teams_split_costly_matrices_and_equal_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """World 4: the two large matrices cost more than a balanced share, so each is split over a team along its long
     side (columns of the wide one, rows of the tall one); every rank gets the single-process result (fp32 within
     1e-5; bf16 no farther from fp32 than one process's bf16), its NS FLOPs and bytes are the plan's, and the teams'
     Gram sums add a fixed number of collectives."""
     run_ranks(_team_worker, 4, str(tmp_path / "out.pt"))
+    monkeypatch.setattr(ns_plan, "MIN_BLOCK", SMALL_BLOCK)
     out = torch.load(tmp_path / "out.pt", weights_only=False)
     reports, layouts = out["reports"], out["layouts"]
     plan = plan_ownership(layouts)
@@ -322,6 +328,7 @@ def test_teams_split_costly_matrices_and_equal_one_process(tmp_path: Path) -> No
         assert m.long_dim == (0 if shape[0] > shape[1] else 1) and len(set(m.team)) == len(m.team)
         assert [lo for lo, _ in m.blocks] == [0, *[hi for _, hi in m.blocks[:-1]]] and m.blocks[-1][1] == max(shape)
         assert sum(m.member_flops) == m.flops == ns_block_flops(shape, max(shape))
+        assert min(hi - lo for lo, hi in m.blocks) >= SMALL_BLOCK
     whole = plan_ownership(layouts, split=False).per_rank()
     loads = [r.flops for r in plan.per_rank().values()]
     assert max(r.flops for r in whole.values()) > 1.05 * sum(r.flops for r in whole.values()) / 4  # why it splits
