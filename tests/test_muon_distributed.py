@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from models import ModelConfig, Transformer
-from optim import build_optimizer
+from optim import build_optimizer, ns_plan
 from optim.distributed_ns import NSStats, orthogonalize
 from parallel import ParallelDims, build_mesh, parallelize
 from tests.dist_harness import run_ranks
@@ -44,7 +44,10 @@ def _no_gather(*args, **kwargs):
     raise AssertionError("full_tensor() called on the optimizer path")
 
 
-def _worker(rank: int, world: int, ep: int, experts: int, layers: int, ref_path: str, out_path: str) -> None:
+def _worker(rank: int, world: int, ep: int, experts: int, layers: int, teams: bool, ref_path: str,
+            out_path: str) -> None:
+    if teams:  # split wherever a matrix costs over 1/16 of the mean: the production floor on blocks (1024 wide)
+        ns_plan.MIN_BLOCK, ns_plan.BALANCE_SLACK = 4, 0.0  # and 5% slack would keep these small matrices whole
     ref = torch.load(ref_path)
     with torch.device("meta"):
         model = Transformer(ModelConfig(**_cfg(experts, layers)))
@@ -61,7 +64,8 @@ def _worker(rank: int, world: int, ep: int, experts: int, layers: int, ref_path:
             ns_inputs.append(tuple(x.shape))
             return ns(x)
         ns_noted.keywords = getattr(ns, "keywords", {})  # type: ignore[attr-defined]
-        return orthogonalize(updates, ns_noted, stats=stats)
+        # (teams need the optimizer's own NS function: a wrapped one gets whole matrices)
+        return orthogonalize(updates, ns if teams else ns_noted, stats=stats)
 
     opt.orthogonalize = recording
     local = BATCH // world
@@ -86,17 +90,19 @@ def _worker(rank: int, world: int, ep: int, experts: int, layers: int, ref_path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,ep,experts,layers,collectives", [
-    (2, 1, 8, 3, 2),  # dense Shard(0) over dp; experts whole per rank: 1 key
-    (4, 1, 8, 3, 2),
-    (4, 2, 8, 3, 2),  # experts (_StridedShard(0), Shard(0)): whole experts per rank, no communication
-    (4, 2, 2, 3, 4),  # experts (Shard(1), Shard(0)): 1 local expert < dp_mod_ep 2, rows split: a second key
-    (4, 2, 2, 5, 4),  # twice the MoE layers, the same collectives
+@pytest.mark.parametrize("world,ep,experts,layers,teams,collectives", [
+    (2, 1, 8, 3, False, 2),  # dense Shard(0) over dp; experts whole per rank: 1 key
+    (4, 1, 8, 3, False, 2),
+    (4, 2, 8, 3, False, 2),  # experts (_StridedShard(0), Shard(0)): whole experts per rank, no communication
+    (4, 2, 2, 3, False, 4),  # experts (Shard(1), Shard(0)): 1 local expert < dp_mod_ep 2, rows split: a second key
+    (4, 2, 2, 5, False, 4),  # twice the MoE layers, the same collectives
+    # costly matrices split over teams in both keys: + 2 per NS step and 2 for the norms, per key
+    (4, 2, 2, 3, True, 4 + 2 * 2 * 6),
 ])
 def test_distributed_muon_steps_equal_single_process(tmp_path: Path, world: int, ep: int, experts: int, layers: int,
-                                                     collectives: int) -> None:
+                                                     teams: bool, collectives: int) -> None:
     expected = _single_process(tmp_path / "ref.pt", experts, layers)
-    run_ranks(_worker, world, ep, experts, layers, str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"))
+    run_ranks(_worker, world, ep, experts, layers, teams, str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"))
     out = torch.load(tmp_path / "out.pt")
     got, reports = out["state"], out["reports"]
     start = torch.load(tmp_path / "ref.pt")["state"]
@@ -118,4 +124,4 @@ def test_distributed_muon_steps_equal_single_process(tmp_path: Path, world: int,
             assert s["collectives"] == collectives
             assert s["bytes_received_gather"] <= 1.5 * s["min_bytes_gather"]
     for r in reports:  # NS never sees a whole expert stack: a rank's own experts, or the experts it owns
-        assert r["ns_inputs"] and all(len(s) == 2 or s[0] < experts for s in r["ns_inputs"])
+        assert (r["ns_inputs"] or teams) and all(len(s) == 2 or s[0] < experts for s in r["ns_inputs"])
