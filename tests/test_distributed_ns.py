@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, out_path: str) -> None:
         torch.save({"results": gathered, "flops": [f.item() for f in all_flops], "total": stats.total_flops}, out_path)
 
 
+@pytest.mark.slow  # a gloo world: 4-8 s on 2 cores
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_ns_equals_single_process_and_splits_the_work(tmp_path: Path, world: int) -> None:
     run_ranks(_worker, world, str(tmp_path / "out.pt"))
@@ -165,6 +166,7 @@ def _mesh_worker(rank: int, world: int, out_path: str) -> None:
         torch.save(reports, out_path)
 
 
+@pytest.mark.slow  # a gloo world: 4-8 s on 2 cores
 def test_every_placement_on_the_expert_mesh(tmp_path: Path) -> None:
     """World 4 on (dp_mod_ep=2, ep=2): each matrix assembled on one owner of its group and orthogonalized once,
     results as in one process, a fixed number of collectives whatever the number of matrices."""
@@ -312,6 +314,7 @@ def _team_worker(rank: int, world: int, out_path: str) -> None:
         torch.save({"reports": reports, "layouts": [layout_of(d) for d in sharded]}, out_path)
 
 
+@pytest.mark.slow  # a gloo world: 4-8 s on 2 cores
 def test_teams_split_costly_matrices_and_equal_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """World 4: the two large matrices cost more than a balanced share, so each is split over a team along its long
     side (columns of the wide one, rows of the tall one); every rank gets the single-process result (fp32 within
