@@ -53,9 +53,10 @@ world runs this same code, refuses an empty input.) At K2 scale (world 2048, ep 
 groups of 32 ranks holding 1/32 of the rows each), a rank owns about 34 of the 1,080 expert matrices its group
 holds over the full depth, receives ~2.0 GB in fp32 to assemble them and ~2.0 GB of its rows back, instead of
 22.5 GB per projection for a gathered stack; NS FLOPs per rank are within 2% of the mean without teams. With
-teams (DeepSeek-V3, and both presets under pipeline parallelism) every rank is within 5% of the mean and a team
-member receives about ``2 n²`` Gram elements per step, up to ~4 GB per step in fp32 for the busiest rank
-(``tests/test_simulate.py`` checks 10% for all four layouts).
+teams (DeepSeek-V3, and both presets under pipeline parallelism) every rank is within 7% of the mean and a team
+member receives about ``2 n²`` Gram elements per step in NS's compute dtype: up to ~1.9 GB per step in fp32 for
+the busiest rank, half that in bf16, NS's dtype on GPU (``tests/test_simulate.py`` checks 10% for all four
+layouts).
 
 Tensors whose matrices are all whole on every rank (group of one rank) skip both phases: NS runs on the
 local shard as it is. Plain tensors (one process, or replicated) are orthogonalized locally. No path calls
@@ -192,7 +193,9 @@ def orthogonalize(updates: list[torch.Tensor], ns: NSFn, stats: NSStats | None =
         return out  # type: ignore[return-value]
 
     us: list[DTensor] = [updates[i] for i in dts]  # type: ignore[misc]
-    plan = _cached_plan(tuple(layout_of(u) for u in us), steps, _splittable(ns))
+    split = _splittable(ns)
+    gram_dtype = resolve_dtype(ns.keywords.get("dtype", "auto"), us[0].device) if split else None  # type: ignore
+    plan = _cached_plan(tuple(layout_of(u) for u in us), steps, split, gram_dtype.itemsize if gram_dtype else None)
     stats.total_flops += plan.total_flops
     me = dist.get_rank()
     locals_ = [u.to_local() for u in us]
@@ -373,18 +376,18 @@ def _team_newton_schulz(blocks: list[torch.Tensor], entries: list[tuple[MatrixOw
     kw = getattr(ns, "keywords", {}) or {}
     coefficients = ns_coefficients(kw.get("method", "muon"), steps)
     teams = [(m.team, j) for m, j in entries]
-    xs = []
-    for x, (m, _) in zip(blocks, entries, strict=True):
-        dtype = resolve_dtype(kw.get("dtype", "auto"), x.device)
-        xs.append((x if m.long_dim == 1 else x.mT).to(dtype))  # wide: the long side is the columns
-    sq = _team_sum([x.float().square().sum().reshape(1, 1).to(like.dtype) for x in xs], teams, pg, pg_rank, like,
-                   stats)
+    dtype = resolve_dtype(kw.get("dtype", "auto"), like.device)  # the same on every rank, blocks or not
+    xs = [(x if m.long_dim == 1 else x.mT).to(dtype) for x, (m, _) in zip(blocks, entries, strict=True)]  # wide
+    fp32 = like.new_zeros(1, dtype=torch.float32)
+    sq = _team_sum([x.float().square().sum().reshape(1, 1) for x in xs], teams, pg, pg_rank, fp32, stats)
     xs = [x / s.to(x.dtype).sqrt().clamp(min=kw.get("eps", NS_EPS)) for x, s in zip(xs, sq, strict=True)]
     grams = [_products(x, kw.get("triton", "auto"))[0] for x in xs]
+    # Partial Grams travel in the compute dtype (bf16 on GPU: half the bytes), each rounded once as one process's
+    # X Xᵀ is; the sums are taken in float32 at least.
+    compute = like.new_zeros(1, dtype=dtype)
     for a, b, c in coefficients:
-        gram = _team_sum([g(x).to(like.dtype) for g, x in zip(grams, xs, strict=True)], teams, pg, pg_rank, like,
-                         stats)
-        xs = [block_step(x, A.to(x.dtype), a, b, c) for x, A in zip(xs, gram, strict=True)]
+        gram = _team_sum([g(x) for g, x in zip(grams, xs, strict=True)], teams, pg, pg_rank, compute, stats)
+        xs = [block_step(x, A, a, b, c) for x, A in zip(xs, gram, strict=True)]
     out = []
     for x, y, (m, j) in zip(blocks, xs, entries, strict=True):
         _note_input(stats, x)
@@ -411,13 +414,13 @@ def _team_sum(parts: list[torch.Tensor], teams: list[tuple[tuple[int, ...], int]
     cursor = [0] * size
     sums = []
     for p, (team, j), bb in zip(parts, teams, bounds, strict=True):
-        s = p[bb[j][0]:bb[j][1]].clone()
+        s = p[bb[j][0]:bb[j][1]].to(torch.promote_types(p.dtype, torch.float32), copy=True)
         for i, r in enumerate(team):
             if i != j:
                 q = pg_rank(r)
                 s += got[q][cursor[q]:cursor[q] + s.numel()].view_as(s)
                 cursor[q] += s.numel()
-        sums.append(s)
+        sums.append(s.to(p.dtype))
     send = [[] for _ in range(size)]
     sizes = [0] * size
     for s, p, (team, j), bb in zip(sums, parts, teams, bounds, strict=True):

@@ -52,10 +52,10 @@ narrower than :data:`MIN_BLOCK`. At world 2048 (tests/test_simulate.py) this kee
 for K2 and DeepSeek-V3, with and without pipeline parallelism; teams have up to 18 members."""
 MIN_BLOCK = 1024
 """Fewest long-side entries of a block. A member's block of ``m_j`` columns costs ``6 n² m_j`` FLOPs per step
-against about ``2 n²`` fp32 Gram elements (``8 n²`` bytes) it receives: at least 768 FLOPs per byte at 1024, about
-what an H100 does in bf16 at 40% MFU per byte of NVLink (~900), so the exchange does not outweigh the work it
-spreads. (Without the floor, DeepSeek-V3's dense-FFN teams under PP16 had 34 members and 4 GB of Gram traffic per
-busiest rank instead of 18 and 2 GB, for 1% better balance.)"""
+against about ``2 n²`` Gram elements it receives (``8 n²`` bytes in fp32, ``4 n²`` in bf16): at least 768 FLOPs
+per byte at 1024 in fp32, about what an H100 does in bf16 at 40% MFU per byte of NVLink (~900), so the exchange
+does not outweigh the work it spreads. (Without the floor, DeepSeek-V3's dense-FFN teams under PP16 had 34 members
+and 4 GB of fp32 Gram traffic per busiest rank instead of 18 and 2 GB, for 1% better balance.)"""
 
 
 def assign_owners(shapes: list[tuple[int, ...]], world: int) -> list[int]:
@@ -77,14 +77,15 @@ def chunk_bounds(size: int, k: int) -> list[tuple[int, int]]:
     return [(min(size, j * c), min(size, (j + 1) * c)) for j in range(k)]
 
 
-def team_received(n: int, k: int, j: int, steps: int) -> int:
-    """Elements member `j` of a `k`-member team receives to sum the team's partial Gram matrices (``n x n``) at
-    each of `steps` steps and the squared norm once: a reduce-scatter of row chunks, then an all-gather."""
+def team_received(n: int, k: int, j: int, steps: int, gram_itemsize: int) -> int:
+    """Bytes member `j` of a `k`-member team receives to sum the team's partial Gram matrices (``n x n``, in NS's
+    compute dtype: `gram_itemsize` bytes) at each of `steps` steps and the squared norm (fp32) once: a
+    reduce-scatter of row chunks, then an all-gather."""
     if k == 1:
         return 0
     lo, hi = chunk_bounds(n, k)[j]
     norm = (k - 1) if j == 0 else 1  # the one element lies in chunk 0
-    return steps * ((k - 1) * (hi - lo) * n + (n - (hi - lo)) * n) + norm
+    return steps * ((k - 1) * (hi - lo) * n + (n - (hi - lo)) * n) * gram_itemsize + norm * 4
 
 
 def _rows_of(rows: int, world: int, rank: int) -> int:
@@ -260,6 +261,7 @@ class OwnershipPlan:
     matrices: list[MatrixOwnership]
     infos: list[_TensorInfo] = field(repr=False)
     _owner: dict[tuple[int, int, int], int] = field(repr=False, default_factory=dict)
+    gram_itemsize: int | None = None  # bytes per Gram element a team exchanges (None: the update's element size)
 
     @property
     def total_flops(self) -> int:
@@ -318,7 +320,7 @@ class OwnershipPlan:
                         mine = _length(rows) * _length(cols)
                     own.gather_bytes += (math.prod(m.block_shape(j, shape)) - mine) * size
                     own.return_bytes -= mine * size
-                own.team_bytes += team_received(n, len(m.team), j, self.steps) * size
+                own.team_bytes += team_received(n, len(m.team), j, self.steps, self.gram_itemsize or size)
         return loads
 
 
@@ -391,7 +393,8 @@ def _ravel(coord: Sequence[int], shape: Sequence[int]) -> int:
     return flat
 
 
-def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS, split: bool = True) -> OwnershipPlan:
+def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS, split: bool = True,
+                   gram_itemsize: int | None = None) -> OwnershipPlan:
     """The team of every matrix of `layouts` (pure: the same on every rank, and callable without a process group).
 
     Each matrix (one per leading index of each update, per replica group) is orthogonalized by a team inside the
@@ -406,7 +409,8 @@ def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS, split: bool
     rank's 36 whole experts, then 12 TFLOP output projections on top of some): only blocks balance those.
 
     Returns an :class:`OwnershipPlan`: ``matrices`` (a :class:`MatrixOwnership` each: group, team, blocks,
-    FLOPs), ``per_rank()`` (FLOPs and bytes per rank), ``total_flops``.
+    FLOPs), ``per_rank()`` (FLOPs and bytes per rank; teams' Gram sums counted at `gram_itemsize` bytes per element,
+    NS's compute dtype, default each update's element size), ``total_flops``.
     """
     layouts = tuple(layouts)
     infos = [_tensor_info(lay) for lay in layouts]
@@ -432,7 +436,7 @@ def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS, split: bool
         matrices.append(MatrixOwnership(t, b, info.groups[gi], info.rank_group[team[0]][1], team[0],
                                         sum(member_flops), math.prod(shape[-2:]), team, blocks, member_flops,
                                         0 if shape[-2] > shape[-1] else 1))
-    return OwnershipPlan(layouts, steps, matrices, infos, owner)
+    return OwnershipPlan(layouts, steps, matrices, infos, owner, gram_itemsize)
 
 
 def _assign(items: list[tuple], members: dict[int, tuple[int, ...]], layouts: tuple[Layout, ...], steps: int,
@@ -479,7 +483,8 @@ def _assign(items: list[tuple], members: dict[int, tuple[int, ...]], layouts: tu
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_plan(layouts: tuple[Layout, ...], steps: int, split: bool = True) -> OwnershipPlan:
-    return plan_ownership(layouts, steps, split)
+def _cached_plan(layouts: tuple[Layout, ...], steps: int, split: bool = True,
+                 gram_itemsize: int | None = None) -> OwnershipPlan:
+    return plan_ownership(layouts, steps, split, gram_itemsize)
 
 

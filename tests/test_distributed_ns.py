@@ -302,7 +302,8 @@ def _team_worker(rank: int, world: int, out_path: str) -> None:
             elif exact.numel():  # bf16 rounds differently in blocks: no farther from fp32 than one process's (x1.5)
                 one = zeropower_via_newtonschulz5(x, steps=5, dtype=dtype)[idx]
                 assert (r.to_local() - exact).abs().max() <= 1.5 * (one - exact).abs().max() + 1e-6
-        plan = plan_ownership([layout_of(d) for d in sharded])
+        # (the teams' Gram sums travel in NS's compute dtype)
+        plan = plan_ownership([layout_of(d) for d in sharded], gram_itemsize=torch.empty(0, dtype=dtype).itemsize)
         mine = plan.per_rank()[rank]
         assert (mine.flops, mine.gather_bytes) == (stats.local_flops, stats.bytes_received_gather)
         assert stats.bytes_received_gather == stats.min_bytes_gather
