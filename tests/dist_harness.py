@@ -20,8 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.background import lower_priority, workdir
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -120,18 +118,16 @@ TORCHRUN_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def torchrun(nproc: int, args: list[str], restarts: int = 0, background: bool = False, nice: bool = False,
+def torchrun(nproc: int, args: list[str], restarts: int = 0, background: bool = False,
              ) -> subprocess.Popen | subprocess.CompletedProcess:
     """`torchrun --nproc-per-node nproc -m train --config configs/tiny.yaml *args`: finished (asserting exit code
-    0), or started in the background (stdout and stderr piped); `nice`: at tests/background.py's lower priority."""
+    0), or started in the background (stdout and stderr piped)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "--max-restarts", str(restarts), "-m", "train", "--config", str(TINY), *args]
-    preexec = lower_priority if nice else None
     if background:
         return subprocess.Popen(cmd, cwd=ROOT, env=TORCHRUN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509
-    done = subprocess.run(cmd, cwd=ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=900,
-                          preexec_fn=preexec)  # noqa: PLW1509
+                                text=True, start_new_session=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -146,17 +142,6 @@ class FourRankRun:
     out: Path  # the run directory: metrics.jsonl, checkpoints/step-4 and step-8
     cache_dir: str  # the built-in corpus it read
     stdout: str  # torchrun's console output (rank 0 logs)
-
-
-def four_rank_run() -> FourRankRun:
-    """The shared 4-rank run (a background job: tests/background.py), with ep=2 and asynchronous checkpoints at
-    steps 4 and 8 (three kept)."""
-    root = workdir() / "four-rank"
-    out, cache = root / "run", str(root / "cache")
-    done = torchrun(4, four_rank_overrides(out, cache, **{"parallel.ep": 2, "checkpoint.interval": 4,
-                                                         "checkpoint.keep_last": 3, "checkpoint.async_save": "true"}),
-                    nice=True)
-    return FourRankRun(out=out, cache_dir=cache, stdout=done.stdout)
 
 
 def four_rank_overrides(out_dir: Path | str, cache_dir: Path | str, **extra: object) -> list[str]:

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import background
-from tests.background import workdir
 from tests.dist_harness import FOUR_RANK_STEPS, TORCHRUN_ENV, FourRankRun, four_rank_overrides, torchrun
 from train.checkpoint import list_checkpoints, resolve_resume
 from train.config import load_config
@@ -51,32 +49,20 @@ def losses(run_dir: Path) -> dict[int, float]:
 # --------------------------------------------------------------------------------------------- 4 ranks
 
 
-def _stop_and_resume() -> Path:
-    """The shared 4-rank run's twin (tests/dist_harness.py `four_rank_run`; it may run at the same time, on the same
-    corpus cache): stopped by SIGTERM to torchrun after a few steps (it saves at the next step boundary), then
-    restarted with the same command. A background job (tests/background.py)."""
-    root = workdir() / "four-rank"
-    split = root / "split"
-    args = four_rank_overrides(split, str(root / "cache"), **{"parallel.ep": 2})
-    proc = torchrun(4, args, background=True, nice=True)
-    _wait_for(lambda: _logged_steps(split) >= 2, timeout=600, what="two steps")
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=600)
-    stopped = list_checkpoints(split)
-    assert len(stopped) == 1 and 2 <= stopped[0][0] < FOUR_RANK_STEPS, stopped
-    torchrun(4, args, nice=True)
-    return split
-
-
-def start_stop_and_resume() -> None:
-    background.start("four_rank_stop_and_resume", _stop_and_resume)
-
-
 @pytest.fixture(scope="module")
 def four_rank_runs(four_rank_run: FourRankRun) -> dict[str, Path]:
     """On 4 gloo ranks with experts over ep=2: the shared straight run (tests/conftest.py; async checkpoints at
-    steps 4 and 8), and the same run stopped by SIGTERM and restarted (`_stop_and_resume`)."""
-    split = background.result("four_rank_stop_and_resume", _stop_and_resume)
+    steps 4 and 8), and the same run stopped by SIGTERM to torchrun after a few steps (it saves at the next step
+    boundary) and then restarted with the same command."""
+    split = four_rank_run.out.parent / "split"
+    args = four_rank_overrides(split, four_rank_run.cache_dir, **{"parallel.ep": 2})
+    proc = torchrun(4, args, background=True)
+    _wait_for(lambda: _logged_steps(split) >= 2, what="two steps")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    stopped = list_checkpoints(split)
+    assert len(stopped) == 1 and 2 <= stopped[0][0] < FOUR_RANK_STEPS, stopped
+    torchrun(4, args)
     return {"straight": four_rank_run.out, "split": split}
 
 

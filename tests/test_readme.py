@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import background
-from tests.background import lower_priority, workdir
 from train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,19 +109,18 @@ class Session:
 
     def _bash(self, command: str) -> str:
         proc = subprocess.run(["bash", "-c", command], cwd=self.cwd, env=self.env, capture_output=True,
-                              text=True, timeout=TIMEOUT_S, preexec_fn=lower_priority)  # noqa: PLW1509
+                              text=True, timeout=TIMEOUT_S)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"README command failed (exit {proc.returncode}): {command}\n{output[-3000:]}"
         return output
 
 
-def _run_commands() -> Path:
-    """The quick start, then every shell command of "Using it" in order, in a fresh directory (a background job:
-    tests/background.py; the checks of `Session.run` fail it)."""
-    quick_start, commands, _ = readme_snippets()
+@pytest.mark.slow
+def test_readme_commands_run_in_order_on_a_fresh_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    quick_start, commands, python_snippet = readme_snippets()
     assert quick_start == "python -m train --config configs/tiny.yaml"
-    cwd = workdir() / "readme" / "clone"
-    cwd.mkdir(parents=True)
+    cwd = tmp_path / "clone"
+    cwd.mkdir()
     (cwd / "configs").symlink_to(ROOT / "configs")
     session = Session(cwd)
 
@@ -134,16 +131,6 @@ def _run_commands() -> Path:
         if tokens[2] == "train.report":  # the report draws its plots, not only the summary
             pngs = {p.name for p in (cwd / tokens[3] / "report").glob("*.png") if p.stat().st_size > 0}
             assert {"loss.png", "expert_load.png", "max_logit.png"} <= pngs, output
-    return cwd
-
-
-def start_readme_commands() -> None:
-    background.start("readme", _run_commands)
-
-
-@pytest.mark.slow
-def test_readme_commands_run_in_order_on_a_fresh_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
-    cwd = background.result("readme", _run_commands)  # started at collection; raises what a command failed
     assert (cwd / "exported" / "config.json").is_file()
 
     # The Python snippet: in this process (it only reads and writes files), in the same directory.
@@ -152,7 +139,7 @@ def test_readme_commands_run_in_order_on_a_fresh_checkout(monkeypatch: pytest.Mo
 
     monkeypatch.chdir(cwd)
     scope: dict = {}
-    exec(compile(readme_snippets()[2], "README.md (Using it)", "exec"), scope)
+    exec(compile(python_snippet, "README.md (Using it)", "exec"), scope)
     assert isinstance(scope["model"], Transformer)
     exported, again = read_hf_tensors(cwd / "exported"), read_hf_tensors(cwd / "exported-again")
     assert exported.keys() == again.keys()

@@ -8,19 +8,17 @@ Newton–Schulz ownership is planned over the full depth from the optimizer's ow
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests import background
-from tests.background import lower_priority
 from tools.plan import main as plan_main
 from tools.simulate import main
 from train.config import load_config
@@ -32,16 +30,17 @@ SMALL_VOCAB = ["model.vocab_size=4096", "model.bos_token_id=0", "model.eos_token
 
 
 # Each simulation is one fresh process (one process plays one rank of one world). They are mostly single-threaded
-# Python (model build, sharding, ownership planning), so the module's four run as background jobs
-# (tests/background.py: two at a time, nice 10) from the moment the session knows it will run them
-# (`start_simulations`, called by tests/conftest.py after collection), filling the CPU the tests before them leave
-# idle; each test then waits for its own report.
+# Python (model build, sharding, ownership planning), so the module's four run two at a time, in the background
+# from the moment the session knows it will run them (`start_simulations`, called by tests/conftest.py after
+# collection) at a lower priority (nice 10), so they fill the CPU the tests before them leave idle; each test then
+# waits for its own report.
 _RUNS: dict[tuple, tuple[str, ...]] = {
     ("k2-1t", 2, 0): ("--ep", "64"),
     ("deepseek-v3-671b", 4, 1337): ("--ep", "64"),
     ("k2-1t", 32, 2047): ("--ep", "16", "--pp", "16", "parallel.pp_schedule=interleaved_1f1b"),
     ("deepseek-v3-671b", 32, 130): ("--ep", "64", "--pp", "16", "parallel.pp_schedule=dualpipev"),
 }
+_FUTURES: dict[tuple, Future] = {}
 
 
 def _run(key: tuple) -> subprocess.CompletedProcess:
@@ -53,19 +52,21 @@ def _run(key: tuple) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tools.simulate", "--config", f"configs/{preset}.yaml", "--gpus",
                            "2048", "--rank", str(rank), "--layers", str(layers), "--json", *flags, *SMALL_VOCAB,
                            *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000,
-                          preexec_fn=lower_priority)  # noqa: PLW1509
+                          preexec_fn=lambda: os.nice(10))  # noqa: PLW1509
 
 
 def start_simulations() -> None:
-    """Submit the four simulations as background jobs (once per session)."""
-    for key in _RUNS:
-        background.start(f"simulate {key}", functools.partial(_run, key))
+    """Start the four simulations in the background, two at a time (once per session)."""
+    if not _FUTURES:
+        pool = ThreadPoolExecutor(max_workers=2)
+        _FUTURES.update({key: pool.submit(_run, key) for key in _RUNS})
+        pool.shutdown(wait=False)
 
 
 def _simulate(preset: str, layers: int, rank: int) -> dict:
     """The command's JSON report for one of `_RUNS`."""
-    key = (preset, layers, rank)
-    done = background.result(f"simulate {key}", functools.partial(_run, key))
+    start_simulations()  # (a no-op when tests/conftest.py started them after collection)
+    done = _FUTURES[(preset, layers, rank)].result()
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
