@@ -260,23 +260,16 @@ class OwnershipPlan:
     steps: int
     matrices: list[MatrixOwnership]
     infos: list[_TensorInfo] = field(repr=False)
-    _owner: dict[tuple[int, int, int], int] = field(repr=False, default_factory=dict)
+    _entries: dict[tuple[int, int, int], MatrixOwnership] = field(repr=False, default_factory=dict)
     gram_itemsize: int | None = None  # bytes per Gram element a team exchanges (None: the update's element size)
 
     @property
     def total_flops(self) -> int:
         return sum(m.flops for m in self.matrices)
 
-    def owner_of(self, tensor: int, index: int, rank: int) -> int:
-        """Global rank owning (first member of the team of) matrix `index` of update `tensor` in the group of
-        global rank `rank`."""
-        return self._owner[(tensor, index, self.infos[tensor].rank_group[rank][0])]
-
     def matrix(self, tensor: int, index: int, rank: int) -> MatrixOwnership:
         """The plan entry of matrix `index` of update `tensor` in the group of global rank `rank`."""
-        if not hasattr(self, "_entries"):
-            self._entries = {(m.tensor, m.index, m.group): m for m in self.matrices}
-        return self._entries[(tensor, index, self.infos[tensor].groups[self.infos[tensor].rank_group[rank][0]])]
+        return self._entries[(tensor, index, self.infos[tensor].rank_group[rank][0])]
 
     @functools.cached_property
     def split(self) -> frozenset[tuple[int, tuple[int, ...]]]:
@@ -427,16 +420,14 @@ def plan_ownership(layouts: Sequence[Layout], steps: int = NS_STEPS, split: bool
     mean = sum(it[0] for it in items) / max(1, len(ranks))
     if split and steps > 0 and max(load.values(), default=0) > (1 + BALANCE_SLACK) * mean:
         teams, load = _assign(items, members, layouts, steps, BLOCK_SHARE * mean)
-    matrices = []
-    owner: dict[tuple[int, int, int], int] = {}
+    entries: dict[tuple[int, int, int], MatrixOwnership] = {}  # (tensor, matrix, group index) -> its entry
     for _, t, b, gi, _ in items:
         info, shape = infos[t], layouts[t].shape
         team, blocks, member_flops = teams[(t, b, gi)]
-        owner[(t, b, gi)] = team[0]
-        matrices.append(MatrixOwnership(t, b, info.groups[gi], info.rank_group[team[0]][1], team[0],
-                                        sum(member_flops), math.prod(shape[-2:]), team, blocks, member_flops,
-                                        0 if shape[-2] > shape[-1] else 1))
-    return OwnershipPlan(layouts, steps, matrices, infos, owner, gram_itemsize)
+        entries[(t, b, gi)] = MatrixOwnership(t, b, info.groups[gi], info.rank_group[team[0]][1], team[0],
+                                              sum(member_flops), math.prod(shape[-2:]), team, blocks, member_flops,
+                                              0 if shape[-2] > shape[-1] else 1)
+    return OwnershipPlan(layouts, steps, list(entries.values()), infos, entries, gram_itemsize)
 
 
 def _assign(items: list[tuple], members: dict[int, tuple[int, ...]], layouts: tuple[Layout, ...], steps: int,
