@@ -27,10 +27,7 @@ import hashlib
 
 import torch
 
-try:  # torch builds without distributed support still get the single-process path
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
+from models.dtensor import is_dtensor
 
 # Module names that wrappers (activation checkpointing, torch.compile, FSDP1) insert into parameter
 # names; `canonical_name` drops them so that a parameter keeps its name, and its init, when wrapped.
@@ -51,14 +48,10 @@ def block_seed(seed: int, name: str, block: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
 @torch.no_grad()
 def fill_(param: torch.Tensor, value: float) -> None:
     """`param.fill_(value)` for a plain tensor or the local shard of a DTensor (no communication)."""
-    (param.to_local() if _is_dtensor(param) else param).fill_(value)
+    (param.to_local() if is_dtensor(param) else param).fill_(value)
 
 
 def shard_indices(param: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -66,7 +59,7 @@ def shard_indices(param: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]
     the global parameter this rank holds, for any layout `init_normal_` supports (also what `models.hf` reads
     from a released checkpoint)."""
     shape = tuple(param.shape)
-    if not _is_dtensor(param):
+    if not is_dtensor(param):
         return param, [torch.arange(n) for n in shape]
 
     from torch.distributed.tensor import Partial, Replicate

@@ -34,9 +34,10 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
     YaRN (arXiv 2309.00071) blends interpolated and extrapolated frequencies with a linear ramp over the
     dimensions whose wavelength lies between `beta_fast` and `beta_slow` rotations of the original context.
+    Computed on the host (dim/2 floats), whatever device the model is being built on.
     """
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     inv_freq = 1.0 / pos_freqs
     ys = cfg.rope_scaling
     if ys is None:
@@ -65,7 +66,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp
     inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
     return inv_freq, attention_factor
@@ -78,7 +79,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         inv_freq, self.attention_factor = rope_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Placed where the module is built (e.g. `with torch.device("meta")`) only now: the arithmetic on the meta
+        # device would run torch's reference decompositions, which import torch._dynamo (~1.3 s of start-up).
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def reset_parameters(self) -> None:
         inv_freq, self.attention_factor = rope_inv_freq(self.cfg)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from models.config import ModelConfig
+from models.dtensor import local
 from models.layers import MLP
 from models.stats import is_recomputing
 
@@ -263,12 +263,8 @@ class GroupedExperts(nn.Module):
         Under expert parallelism the weights are DTensors sharded on the expert dim; the GEMMs run on this
         rank's local experts: the dispatch hooks of parallel/ have already gathered the copies and brought this
         rank's here (and call this without `token_idx`)."""
-        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        gate_up, down = local(self.gate_up_proj), local(self.down_proj)
         return _ExpertFFN.apply(x, token_idx, scale, counts, gate_up.flatten(1, 2), down)
-
-
-def _local(w: torch.Tensor) -> torch.Tensor:
-    return w.to_local() if isinstance(w, DTensor) else w
 
 
 @dataclass

@@ -86,7 +86,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # `_weight`: no N(0, 1) fill at construction, which init_weights overwrites anyway; on the meta device that
+        # fill would import torch._dynamo (~1.3 s of every process's start-up: meta `normal_` runs a decomposition).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.rotary = RotaryEmbedding(cfg)
         # A ModuleDict keyed by layer index keeps names ("layers.7") stable when pipeline stages drop layers.
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})

@@ -35,10 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-try:  # torch builds without distributed support still get the single-process path
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
+from models.dtensor import is_dtensor
 
 DEFAULT_TAU = 100.0
 # Wrappers whose inner module holds the real block / model (activation checkpointing, torch.compile).
@@ -99,16 +96,12 @@ def head_row_scales(gamma: torch.Tensor, head_dim_1: int, head_dim_2: int, kind:
     return torch.cat([first[:, None].expand(h, head_dim_1), second[:, None].expand(h, head_dim_2)], dim=1).reshape(-1)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
 def local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(local tensor, global index of its first row): the rows of the full weight that this rank holds are
     ``[offset, offset + local.shape[0])``. Plain tensors: (weight, 0). DTensors: any mix of ``Replicate``
     and ``Shard(d)`` (uneven or empty shards too); ``_StridedShard`` on dim 0 (rows not contiguous) and
     ``Partial`` are rejected."""
-    if not _is_dtensor(weight):
+    if not is_dtensor(weight):
         return weight, 0
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

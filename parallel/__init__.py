@@ -1,51 +1,27 @@
 """Parallelism applied to the plain model from outside: one DeviceMesh, expert parallelism (all-to-all
-token dispatch), FSDP2 for everything else, activation checkpointing."""
+token dispatch), FSDP2 for everything else, activation checkpointing, pipeline stages.
+
+The names below load on first use: `parallel.mesh` and `parallel.pipeline` (which the config check needs) do
+not import FSDP2 and DTensor (with sympy, ~1.2 s of start-up) that the rest of the package does."""
 
 from __future__ import annotations
 
-import torch
+import importlib
 
-from models.transformer import Transformer
-from parallel.expert_parallel import apply_expert_parallel, dispatch_bytes
-from parallel.fsdp import apply_activation_checkpointing, apply_fsdp
-from parallel.mesh import ParallelDims, build_mesh, dp_mesh, init_distributed
-from parallel.pipeline import PipelinePlan, StageModule, plan_pipeline, prune_to_stages
-from parallel.utils import all_reduce_max, all_reduce_sum, clip_grad_norm_
-
-
-def parallelize(model: Transformer, mesh: torch.distributed.device_mesh.DeviceMesh | None,
-                activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None,
-                compile: bool = False, pipeline: PipelinePlan | None = None,
-                reshard_after_forward: bool | None = None, offload: bool = False) -> list[StageModule] | None:
-    """Apply, in this order: the pipeline cut (`pipeline`: drop the layers other ranks' stages run, make this
-    rank's stage views), expert parallelism (experts become DTensors on "ep"), activation checkpointing (wraps
-    blocks), `torch.compile` of each block (regional: one small graph per block kind, parameter names
-    unchanged), FSDP2 (shards what is left; the stage views are its roots under a pipeline). Call on the
-    meta-device model, then `to_empty` + `init_weights`. With `mesh=None` (one process) only checkpointing and
-    compile apply. Returns the stage views (None without a pipeline).
-
-    `reshard_after_forward` (None = auto: False under a pipeline, whose micro-batches would gather the same
-    weights again and again, else True). `offload`: FSDP2 keeps the sharded state in host memory (needs a mesh)."""
-    stages = prune_to_stages(model, pipeline) if pipeline is not None else None
-    if mesh is not None:
-        apply_expert_parallel(model, mesh["ep"])
-    apply_activation_checkpointing(model, activation_checkpointing)
-    if stages is not None:  # the views hold the blocks: take the wrapped ones
-        for stage in stages:
-            for name in stage.layers:
-                stage.layers[name] = model.layers[name]
-    if compile:
-        for block in model.layers.values():
-            block.compile()  # in place: the module (and its state-dict names) stays, its forward is compiled
-    if mesh is not None:
-        if reshard_after_forward is None:
-            reshard_after_forward = stages is None
-        apply_fsdp(model, mesh, param_dtype=param_dtype, roots=stages, reshard_after_forward=reshard_after_forward,
-                   offload=offload)
-    return stages
+_HOMES = {
+    "parallelize": "parallel.apply",
+    "apply_expert_parallel": "parallel.expert_parallel", "dispatch_bytes": "parallel.expert_parallel",
+    "apply_activation_checkpointing": "parallel.fsdp", "apply_fsdp": "parallel.fsdp",
+    "ParallelDims": "parallel.mesh", "build_mesh": "parallel.mesh", "dp_mesh": "parallel.mesh",
+    "init_distributed": "parallel.mesh",
+    "PipelinePlan": "parallel.pipeline", "StageModule": "parallel.pipeline", "plan_pipeline": "parallel.pipeline",
+    "prune_to_stages": "parallel.pipeline",
+    "all_reduce_max": "parallel.utils", "all_reduce_sum": "parallel.utils", "clip_grad_norm_": "parallel.utils",
+}
+__all__ = sorted(_HOMES)
 
 
-__all__ = [
-    "ParallelDims", "all_reduce_max", "all_reduce_sum", "build_mesh", "clip_grad_norm_",
-    "PipelinePlan", "StageModule", "dispatch_bytes", "dp_mesh", "init_distributed", "parallelize", "plan_pipeline",
-]
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'parallel' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

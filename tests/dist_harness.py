@@ -29,6 +29,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What every rank imports anyway, imported once in the forkserver: torch._dynamo too, since building any torch
+# optimizer imports it (~1.3 s), and the model and parallel modules by name (their packages load lazily).
+RANK_PRELOAD = ["torch", "torch.distributed.tensor", "torch.distributed.fsdp", "torch._dynamo", "models.transformer",
+                "parallel.apply"]
+
+
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     sys.path.insert(0, str(ROOT))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -45,8 +51,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
     """`fn(rank, world, *args)` on `world` processes joined in one gloo group (fn must be importable)."""
     # Ranks fork from a forkserver that imports torch once per test session (a fresh interpreter per rank
     # would spend most of these tests' time importing torch on a 2-core machine).
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed.tensor",
-                                                         "torch.distributed.fsdp", "models", "parallel"])
+    mp.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)
     mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
                        start_method="forkserver")
 
@@ -60,8 +65,7 @@ def run_reporting_ranks(target: Callable[[int, int, int, str], None], world: int
     Unlike `run_ranks`, the test process reads results back from files, and a hung rank cannot hang the test.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed.tensor", "torch.distributed.fsdp",
-                                "torch.distributed.checkpoint.state_dict", "models", "pytest"])
+    ctx.set_forkserver_preload([*RANK_PRELOAD, "torch.distributed.checkpoint.state_dict", "pytest"])
     port = free_port()
     procs = [ctx.Process(target=target, args=(rank, world, port, str(out)), daemon=True) for rank in range(world)]
     for p in procs:

@@ -146,3 +146,23 @@ def test_pyproject_declares_exactly_what_the_code_imports() -> None:
     used = set().union(*from_dists.values())
     unused = runtime - used
     assert not unused, f"runtime dependencies nothing imports: {unused}"
+
+
+def test_start_up_imports_only_what_the_command_needs() -> None:
+    """Checking a config (`--print-config`, `python -m launch`) and planning never import DTensor (with sympy,
+    ~1.2 s a process), and building the model on the meta device never imports torch._dynamo (~1.3 s): every
+    command line and every rank pays its imports at start-up."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch\n"
+             "import train.config, tools.plan, launch.__main__\n"
+             "heavy = [m for m in ('torch.distributed.tensor', 'torch._dynamo') if m in sys.modules]\n"
+             "assert not heavy, f'a config check imported {heavy}'\n"
+             "from models import ModelConfig, Transformer\n"
+             "from tests.conftest import TINY_MODEL\n"
+             "with torch.device('meta'):\n"
+             "    model = Transformer(ModelConfig(**TINY_MODEL))\n"
+             "assert 'torch._dynamo' not in sys.modules, 'building on meta imported torch._dynamo'\n")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -17,14 +17,10 @@ from train.signals import stop_signals
 if __name__ == "__main__":  # before the imports below (seconds of torch): a signal from now on is honoured
     stop_signals.install()
 
-from data.shards import DataError, ShardError
 from models.config import ConfigError
-from models.hf import HFCheckpointError
 from parallel.mesh import ignored_in_one_process
-from train.checkpoint import CheckpointError
 from train.config import load_config, validate_layout
 
-BAD_INPUT = (ConfigError, DataError, ShardError, CheckpointError, HFCheckpointError)
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
@@ -66,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     if notice:
         print(notice, file=sys.stderr)
 
+    # Only now the trainer and its checkpointing (DCP, DTensor: seconds): `--print-config` and a bad config need
+    # neither.
+    from data.shards import DataError, ShardError
+    from models.hf import HFCheckpointError
+    from train.checkpoint import CheckpointError
     from train.trainer import Trainer, TrainingDiverged
 
+    bad_input = (ConfigError, DataError, ShardError, CheckpointError, HFCheckpointError)
     try:
         trainer = Trainer(cfg)
-    except BAD_INPUT as e:
+    except bad_input as e:
         return _bad_input(e)
     except KeyboardInterrupt:
         print("interrupted during start-up", file=sys.stderr)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
-    except BAD_INPUT as e:  # e.g. a bad token id in a batch: only the rank that read it knows
+    except bad_input as e:  # e.g. a bad token id in a batch: only the rank that read it knows
         return _bad_input(e, every_rank=True)
     except KeyboardInterrupt:  # the second Ctrl-C: leave now, without the save
         if trainer.rank == 0:
