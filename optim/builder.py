@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optim.choices import add_optimizer_name
 from optim.hparams import adamw_hparams, cfg_value, param_group_dicts, resolve_fused
 from optim.muon import Muon, build_muon, offload_kwargs
 from optim.param_groups import ParamGroups, split_params
@@ -49,6 +50,7 @@ def register_optimizer(name: str, factory: OptimizerFactory, *, overwrite: bool 
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"optimizer {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = factory
+    add_optimizer_name(key)  # what the config check accepts
 
 
 def registered_optimizers() -> list[str]:

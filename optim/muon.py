@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
+from optim.choices import NS_DTYPE_NAMES
 from optim.host_adam import HostAdam
 from optim.hparams import adamw_hparams, param_group_dicts, resolve_fused
 from optim.newton_schulz import NS_METHODS, NS_STEPS, orthogonalize_batched, zeropower_via_newtonschulz5
@@ -54,12 +55,7 @@ OrthogonalizeFn = Callable[[list[Tensor], NSFn], list[Tensor]]
 """``orthogonalize(updates, ns) -> outputs``: ``outputs[i]`` is ``ns`` applied to ``updates[i]`` (laid out
 like it), however the work is spread over processes."""
 
-NS_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
+NS_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in NS_DTYPE_NAMES}
 """Accepted ``ns_dtype`` names besides ``"auto"`` (groups store the name, so state dicts hold only plain
 values). ``"auto"``, the default: bfloat16 for tensors on CUDA, float32 elsewhere, resolved per tensor by
 :func:`optim.newton_schulz.resolve_dtype` (CPUs run bf16 matmuls ~20x slower than float32)."""

@@ -45,6 +45,8 @@ from collections.abc import Callable
 
 import torch
 
+from optim.choices import NS_METHODS
+
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 """Quintic coefficients (a, b, c) of Keller Jordan's Muon, used by Moonlight, K2 and torch.optim.Muon."""
 
@@ -70,10 +72,6 @@ polynomial depends only on the steps before it, so the table serves any ``ns_ste
 its last row). Derived by a linear program on a grid (scipy.optimize.linprog; tests/test_muon.py re-derives
 the first rows when scipy is installed). After 5 steps every singular value in ``[1e-3, 1]`` of the norm is in
 [0.876, 1.124], against [0.68, 1.20] (of those above 2e-3) for the fixed quintic."""
-
-NS_METHODS = ("muon", "polar_express")
-"""``method`` values: ``"muon"`` (the default: :data:`NS_COEFFICIENTS` at every step, torch.optim.Muon's
-iteration) and ``"polar_express"`` (:data:`POLAR_EXPRESS_COEFFICIENTS`, same cost per step)."""
 
 GRAM_MIN_ASPECT = 2
 """``gram=True`` runs the Gram form on matrices with ``max(n, m) >= GRAM_MIN_ASPECT * min(n, m)``: with

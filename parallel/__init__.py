@@ -12,7 +12,7 @@ _HOMES = {
     "parallelize": "parallel.apply",
     "apply_expert_parallel": "parallel.expert_parallel", "dispatch_bytes": "parallel.expert_parallel",
     "apply_activation_checkpointing": "parallel.fsdp", "apply_fsdp": "parallel.fsdp",
-    "ParallelDims": "parallel.mesh", "build_mesh": "parallel.mesh", "dp_mesh": "parallel.mesh",
+    "ParallelDims": "parallel.dims", "build_mesh": "parallel.mesh", "dp_mesh": "parallel.mesh",
     "init_distributed": "parallel.mesh",
     "PipelinePlan": "parallel.pipeline", "StageModule": "parallel.pipeline", "plan_pipeline": "parallel.pipeline",
     "prune_to_stages": "parallel.pipeline",

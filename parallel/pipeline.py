@@ -29,32 +29,7 @@ from models.config import ConfigError, ModelConfig
 from models.flops import layer_flops
 from models.stats import StatsBuckets
 from models.transformer import Transformer, run_blocks
-
-# parallel.pp_schedule -> (torch's schedule class name, stage placement, virtual stages per rank: None = any)
-SCHEDULES: dict[str, tuple[str, str, int | None]] = {
-    "gpipe": ("ScheduleGPipe", "loop", 1),
-    "1f1b": ("Schedule1F1B", "loop", 1),
-    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop", None),
-    "interleaved_zb": ("ScheduleInterleavedZeroBubble", "loop", None),
-    "zbv": ("ScheduleZBVZeroBubble", "v", 2),
-    "dualpipev": ("ScheduleDualPipeV", "v", 2),
-}
-
-
-def virtual_stages(schedule: str, requested: int) -> int:
-    """Stages per rank for `schedule`: `requested` (`parallel.pp_virtual_stages`; -1 = the schedule's default),
-    checked against what the schedule supports."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"parallel.pp_schedule: must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
-    fixed = SCHEDULES[schedule][2]
-    if requested == -1:
-        return fixed if fixed is not None else 2
-    if requested < 1:
-        raise ConfigError(f"parallel.pp_virtual_stages: must be -1 (the schedule's default) or >= 1, got {requested}")
-    if fixed is not None and requested != fixed:
-        raise ConfigError(f"parallel.pp_virtual_stages: the {schedule} schedule runs exactly {fixed} stage(s) per "
-                          f"rank, got {requested} (use interleaved_1f1b for another number)")
-    return requested
+from parallel.dims import SCHEDULES, virtual_stages
 
 
 def stage_ids(schedule: str, pp: int, v: int, pp_rank: int) -> list[int]:

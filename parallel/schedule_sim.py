@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parallel.pipeline import SCHEDULES, virtual_stages
+from parallel.dims import SCHEDULES, virtual_stages
 
 COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
 _TORCH_NAMES = {"interleaved_1f1b": "Interleaved1F1B", "interleaved_zb": "InterleavedZeroBubble",

@@ -20,7 +20,7 @@ import train.__main__ as train_cli
 from data.loader import build_loaders
 from data.shards import DataError, TokenIdError, write_shard
 from data.tokenizer import ByteTokenizer
-from parallel.mesh import ParallelDims
+from parallel.dims import ParallelDims
 from tests.conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,7 +298,17 @@ def test_missing_lr_is_an_error() -> None:
 
 
 def test_register_optimizer_plugs_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered optimizer builds, and the config check (torch-free `optim.choices`) accepts its name."""
+    import optim.choices as choices
+    from train.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
     monkeypatch.setattr(builder_mod, "_REGISTRY", dict(builder_mod._REGISTRY))
+    monkeypatch.setattr(choices, "_optimizer_names", set(choices._optimizer_names))
+    assert registered_optimizers() == choices.optimizer_names() == sorted(choices.BUILTIN_OPTIMIZERS)
+    with pytest.raises(ConfigError, match="optim.name"):
+        load_config(tiny, ["optim.name=sgdtest"])
     seen = {}
 
     def sgd_factory(model, groups, cfg):
@@ -305,7 +316,8 @@ def test_register_optimizer_plugs_in(monkeypatch: pytest.MonkeyPatch) -> None:
         return torch.optim.SGD([p for named in groups.values() for _, p in named], lr=cfg["lr"])
 
     register_optimizer("SGDTest", sgd_factory)
-    assert registered_optimizers() == ["adamw", "muon", "sgdtest"]
+    assert registered_optimizers() == choices.optimizer_names() == ["adamw", "muon", "sgdtest"]
+    assert load_config(tiny, ["optim.name=sgdtest"]).optim.name == "sgdtest"
     model = Model()
     opt = build_optimizer(model, _cfg(name="sgdtest"))
     assert isinstance(opt, torch.optim.SGD)

@@ -149,16 +149,19 @@ def test_pyproject_declares_exactly_what_the_code_imports() -> None:
 
 
 def test_start_up_imports_only_what_the_command_needs() -> None:
-    """Checking a config (`--print-config`, `python -m launch`) and planning never import DTensor (with sympy,
-    ~1.2 s a process), and building the model on the meta device never imports torch._dynamo (~1.3 s): every
-    command line and every rank pays its imports at start-up."""
+    """Checking a config (`--print-config`, `python -m launch`, a bad key's error line) imports no torch at all
+    (~3 s a process), planning no DTensor (with sympy, ~1.2 s), and building the model on the meta device no
+    torch._dynamo (~1.3 s): every command line and every rank pays its imports at start-up."""
     import subprocess
     import sys
 
-    probe = ("import sys, torch\n"
-             "import train.config, tools.plan, launch.__main__\n"
+    probe = ("import sys\n"
+             "import train.config, launch.__main__\n"
+             "assert 'torch' not in sys.modules, 'the config check imported torch'\n"
+             "import tools.plan\n"
              "heavy = [m for m in ('torch.distributed.tensor', 'torch._dynamo') if m in sys.modules]\n"
-             "assert not heavy, f'a config check imported {heavy}'\n"
+             "assert not heavy, f'planning imported {heavy}'\n"
+             "import torch\n"
              "from models import ModelConfig, Transformer\n"
              "from tests.conftest import TINY_MODEL\n"
              "with torch.device('meta'):\n"

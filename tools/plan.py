@@ -47,7 +47,7 @@ from torch import nn
 from models.config import ConfigError, ModelConfig
 from models.flops import flops_breakdown, flops_per_token
 from models.transformer import Transformer
-from parallel.pipeline import SCHEDULES, virtual_stages
+from parallel.dims import SCHEDULES, virtual_stages
 from tools.plan_activations import POLICIES
 from tools.plan_comms import DEFAULT_PROFILE, Hardware, load_expert_profile
 from tools.plan_layout import Batch, layout_sections

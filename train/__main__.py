@@ -18,7 +18,7 @@ if __name__ == "__main__":  # before the imports below (seconds of torch): a sig
     stop_signals.install()
 
 from models.config import ConfigError
-from parallel.mesh import ignored_in_one_process
+from parallel.dims import ignored_in_one_process
 from train.config import load_config, validate_layout
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT

@@ -19,13 +19,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.config import ConfigError, ModelConfig, unknown_key_message
-from optim.builder import registered_optimizers
-from optim.muon import NS_DTYPES
-from optim.newton_schulz import NS_METHODS
-from optim.schedules import DECAY_SHAPES, SCHEDULES, LRSchedule
-from parallel.mesh import ParallelDims
-from parallel.pipeline import SCHEDULES as PP_SCHEDULES
-from parallel.pipeline import virtual_stages
+from optim.choices import NS_DTYPE_NAMES, NS_METHODS, optimizer_names
+from optim.lr_schedule import DECAY_SHAPES, SCHEDULES, LRSchedule
+from parallel.dims import SCHEDULES as PP_SCHEDULES
+from parallel.dims import ParallelDims, virtual_stages
 
 
 @dataclass
@@ -317,7 +314,7 @@ def validate(cfg: ExperimentConfig) -> None:
         at_least("data.stream.shuffle_buffer", s.shuffle_buffer, 0, " (0 = stream order)")
         at_least("data.stream.workers", s.workers, 1)
     # optim
-    one_of("optim.name", o.name.lower(), registered_optimizers())
+    one_of("optim.name", o.name.lower(), optimizer_names())
     positive("optim.lr", o.lr)
     non_negative("optim.weight_decay", o.weight_decay)
     need(len(o.betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in o.betas), "optim.betas",
@@ -325,7 +322,7 @@ def validate(cfg: ExperimentConfig) -> None:
     positive("optim.eps", o.eps)
     fraction("optim.momentum", o.momentum, below_one=True)
     at_least("optim.ns_steps", o.ns_steps, 1)
-    one_of("optim.ns_dtype", o.ns_dtype, ("auto", *NS_DTYPES))
+    one_of("optim.ns_dtype", o.ns_dtype, ("auto", *NS_DTYPE_NAMES))
     need(o.ns_triton == "auto" or isinstance(o.ns_triton, bool), "optim.ns_triton",
          f"must be one of auto, true, false, got '{o.ns_triton}'")
     one_of("optim.ns_method", o.ns_method, NS_METHODS)
