@@ -7,8 +7,14 @@ after each (as prepared shards do) and cuts the token stream into windows of ``s
 share one boundary token (`data/dataset.py`'s windows); batch ``i`` of the rank is ``G / W`` consecutive
 windows of worker ``i mod K``. An exhausted sub-stream starts its next epoch on its own.
 
-**State.** Per worker: the epoch, the `IterableDataset.state_dict()` taken after the documents read so far,
-and the tokens read but not yet batched; plus which worker is next. Each batch carries the state after it,
+**Shuffling** (`shuffle_buffer` B > 0) is a block shuffle: each worker reads its documents B at a time in stream
+order and tokenizes each block in a permutation seeded by (seed, epoch, sub-stream, block number). Unlike a
+sliding shuffle buffer (`IterableDataset.shuffle`, whose buffer a resume cannot restore), a block is re-read from
+its first document, so a resume is exact with shuffling too.
+
+**State.** Per worker: the epoch, the `IterableDataset.state_dict()` at the start of the current block, the block's
+number and how many of its documents are tokenized, and the tokens read but not yet batched; plus which worker
+is next. Each batch carries the state after it,
 so the state of the last batch *yielded* is exact even with batches read ahead, and a resume at the same
 world size and worker count continues with exactly the batches an uninterrupted run would have seen.
 
@@ -67,40 +73,61 @@ def _read(rows: Iterator[Any], count: int, where: str) -> list[Any]:
 
 
 class _SubStream:
-    """One worker's documents -> batches of windows, each paired with the state that resumes right after it."""
+    """One worker's documents -> batches of windows, each paired with the state that resumes right after it.
+
+    Documents are read in blocks of `shuffle_buffer` (`_DOCS_PER_CALL` without shuffling) and tokenized
+    `_DOCS_PER_CALL` at a time, in a seeded permutation of the block when shuffling (`node`: this sub-stream's
+    index, so sub-streams shuffle differently)."""
 
     def __init__(self, make: Callable[[int], Any], tokenizer: Tokenizer, text_field: str, seq_len: int,
-                 rows: int, held_out: float, where: str) -> None:
+                 rows: int, held_out: float, where: str, shuffle_buffer: int = 0, seed: int = 0,
+                 node: int = 0) -> None:
         self.make, self.tokenizer, self.text_field = make, tokenizer, text_field
         self.seq_len, self.rows, self.held_out, self.where = seq_len, rows, held_out, where
+        self.shuffle_buffer, self.seed, self.node = shuffle_buffer, seed, node
+
+    def _order(self, epoch: int, block: int, n: int) -> np.ndarray:
+        if self.shuffle_buffer <= 0:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch, self.node, block]).permutation(n)
 
     def batches(self, state: Mapping[str, Any]) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         epoch, ds_state = int(state["epoch"]), state.get("dataset")
+        block, done = int(state.get("block", 0)), int(state.get("done", 0))
         buf = np.asarray(state.get("buffer", []), dtype=np.int64)
         need = self.rows * self.seq_len + 1
+        size = self.shuffle_buffer if self.shuffle_buffer > 0 else _DOCS_PER_CALL
         while True:
             ds = self.make(epoch)
             if ds_state is not None:
                 ds.load_state_dict(ds_state)
-            fresh, added, it, seen = ds_state is None, 0, iter(ds), 0
-            while rows := _read(it, _DOCS_PER_CALL, f"{self.where} epoch {epoch}"):
-                texts = [text_of(r, self.text_field, f"{self.where} epoch {epoch} document {seen + i}")
-                         for i, r in enumerate(rows)]
-                seen += len(rows)
-                if self.held_out > 0:  # validation documents never train
-                    texts = [t for t in texts if not _is_held_out(t, self.held_out)]
-                parts = _tokens(self.tokenizer, texts)
-                added += sum(p.size for p in parts)
-                buf = np.concatenate([buf, *parts])
-                after = ds.state_dict()  # after these documents: the tokens not yet batched go in `buffer`
-                while buf.size >= need:
-                    batch = _windows(buf, self.seq_len, self.rows)
-                    buf = buf[self.rows * self.seq_len:]  # the last window's last token starts the next one
-                    yield batch, {"epoch": epoch, "dataset": after, "buffer": buf}
+            fresh, added, it = ds_state is None and block == 0, 0, iter(ds)
+            while rows := _read(it, size, f"{self.where} epoch {epoch}"):
+                after = ds.state_dict()  # the next block starts here
+                first = block * size
+                order = self._order(epoch, block, len(rows))
+                for start in range(done, len(rows), _DOCS_PER_CALL):
+                    picked = order[start:start + _DOCS_PER_CALL]
+                    texts = [text_of(rows[i], self.text_field, f"{self.where} epoch {epoch} document {first + i}")
+                             for i in picked]
+                    if self.held_out > 0:  # validation documents never train
+                        texts = [t for t in texts if not _is_held_out(t, self.held_out)]
+                    parts = _tokens(self.tokenizer, texts)
+                    added += sum(p.size for p in parts)
+                    buf = np.concatenate([buf, *parts])
+                    done = start + len(picked)
+                    # Where to resume: inside this block (re-read from its start), or at the next one.
+                    at = ({"dataset": ds_state, "block": block, "done": done} if done < len(rows)
+                          else {"dataset": after, "block": block + 1, "done": 0})
+                    while buf.size >= need:
+                        batch = _windows(buf, self.seq_len, self.rows)
+                        buf = buf[self.rows * self.seq_len:]  # the last window's last token starts the next one
+                        yield batch, {"epoch": epoch, **at, "buffer": buf}
+                ds_state, block, done = after, block + 1, 0
             if fresh and added == 0:
                 raise DataError(f"{self.where}: an epoch yielded no tokens (no non-empty documents in this share "
                                 "of the stream; fewer documents or shards than ranks x workers?)")
-            epoch, ds_state = epoch + 1, None
+            epoch, ds_state, block, done = epoch + 1, None, 0, 0
 
 
 class _ReadAhead:
@@ -147,8 +174,8 @@ class StreamingTokenLoader:
     `dataset` is the whole (unsplit) training split; this loader takes its rank's share. `workers` threads
     each tokenize their own sub-stream (the `tokenizers` library releases the GIL while encoding);
     `prefetch` batches per worker are read ahead (0: read inline). `shuffle_buffer` > 0 shuffles documents
-    within a buffer of that many (`IterableDataset.shuffle`, reshuffled per epoch). `held_out` > 0 drops the
-    documents that `data.prepare`'s hash split puts in validation at that fraction.
+    within consecutive blocks of that many (the module's docstring; a new permutation every epoch). `held_out` > 0
+    drops the documents that `data.prepare`'s hash split puts in validation at that fraction.
     """
 
     def __init__(
@@ -172,24 +199,22 @@ class StreamingTokenLoader:
         self.shuffle_buffer, self.seed, self.held_out, self.name = int(shuffle_buffer), int(seed), held_out, name
         self.samples_consumed = 0  # global samples (G per step), as TokenBatchLoader counts them
         self._next = 0
-        self._states: list[dict[str, Any]] = [{"epoch": 0, "dataset": None, "buffer": np.zeros(0, np.int64)}
-                                              for _ in range(self.workers)]
+        self._states: list[dict[str, Any]] = [{"epoch": 0, "dataset": None, "block": 0, "done": 0,
+                                               "buffer": np.zeros(0, np.int64)} for _ in range(self.workers)]
         self._running: list[Any] | None = None
 
     @property
     def seq_len(self) -> int:
         return self._seq_len
 
+    def _node(self, worker: int) -> int:
+        return self.dp_rank * self.workers + worker
+
     def _substream(self, worker: int) -> Callable[[int], Any]:
         from datasets.distributed import split_dataset_by_node
 
-        node, nodes = self.dp_rank * self.workers + worker, self.dp_world * self.workers
-
         def make(epoch: int) -> Any:  # a fresh object per epoch: a loaded state would otherwise stick to it
-            ds = self.dataset
-            if self.shuffle_buffer > 0:
-                ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            ds = split_dataset_by_node(ds, rank=node, world_size=nodes)
+            ds = split_dataset_by_node(self.dataset, rank=self._node(worker), world_size=self.dp_world * self.workers)
             ds.set_epoch(epoch)
             return ds
 
@@ -200,7 +225,7 @@ class StreamingTokenLoader:
         for k in range(self.workers):
             where = f"{self.name} (rank {self.dp_rank} of {self.dp_world}, worker {k} of {self.workers})"
             sub = _SubStream(self._substream(k), self.tokenizer, self.text_field, self._seq_len,
-                             self.local_batch_size, self.held_out, where)
+                             self.local_batch_size, self.held_out, where, self.shuffle_buffer, self.seed, self._node(k))
             items = sub.batches(self._states[k])
             running.append(_ReadAhead(items, self.prefetch, f"chogori-stream-{k}") if self.prefetch else items)
         return running
@@ -222,11 +247,11 @@ class StreamingTokenLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready: where each worker's stream stands after the last batch yielded."""
-        states = [{"epoch": s["epoch"], "dataset": s["dataset"], "buffer": np.asarray(s["buffer"]).tolist()}
-                  for s in self._states]
+        states = [{"epoch": s["epoch"], "dataset": s["dataset"], "block": s["block"], "done": s["done"],
+                   "buffer": np.asarray(s["buffer"]).tolist()} for s in self._states]
         return {"samples_consumed": self.samples_consumed,
                 "stream": {"world": self.dp_world, "rank": self.dp_rank, "workers": self.workers,
-                           "next": self._next, "states": states}}
+                           "next": self._next, "shuffle_buffer": self.shuffle_buffer, "states": states}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         stream = state.get("stream")
@@ -240,11 +265,20 @@ class StreamingTokenLoader:
                             f"{there[1]} worker(s) (rank {stream['rank']}), this run has {here[0]} x {here[1]} (rank "
                             f"{self.dp_rank}); a stream's position does not carry over to another split. Resume with "
                             "the same layout and data.stream.workers, or train from prepared shards")
+        # A position inside a block means "the first `done` documents of the block's permutation"; another block
+        # size or an older checkpoint (which shuffled with `IterableDataset.shuffle`, a state without blocks)
+        # would read other documents there.
+        there_buffer = stream.get("shuffle_buffer", None if self.shuffle_buffer else 0)
+        if there_buffer != self.shuffle_buffer:
+            raise DataError(f"{self.name}: the checkpoint's stream position was written with data.stream."
+                            f"shuffle_buffer={'an older shuffle' if there_buffer is None else there_buffer}, this run "
+                            f"has {self.shuffle_buffer}; resume with the shuffle_buffer it was trained with")
         self.close()
         self.samples_consumed = int(state["samples_consumed"])
         self._next = int(stream["next"])
-        self._states = [{"epoch": int(s["epoch"]), "dataset": s["dataset"],
-                         "buffer": np.asarray(s["buffer"], dtype=np.int64)} for s in stream["states"]]
+        self._states = [{"epoch": int(s["epoch"]), "dataset": s["dataset"], "block": int(s.get("block", 0)),
+                         "done": int(s.get("done", 0)), "buffer": np.asarray(s["buffer"], dtype=np.int64)}
+                        for s in stream["states"]]
 
     def close(self) -> None:
         """Stop the worker threads (a later `next` restarts them from the current state)."""

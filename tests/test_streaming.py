@@ -99,26 +99,49 @@ def test_two_ranks_see_disjoint_shares_covering_everything(sources: dict[str, ob
     assert sorted(seen[0] + seen[1]) == sorted(sources["texts"])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("kind", "workers"), [("jsonl", 1), ("saved", 2)])
+@pytest.mark.parametrize(("kind", "workers", "shuffle"), [("jsonl", 1, 0), ("saved", 2, 0), ("jsonl", 1, 7),
+                                                            ("saved", 2, 5)])
 def test_resume_mid_stream_gives_exactly_the_uninterrupted_batches(sources: dict[str, object], kind: str,
-                                                                   workers: int) -> None:
-    straight = _loader(sources, kind, workers=workers)
-    expected = [next(straight) for _ in range(14)]  # past the end of the first epoch
-    first = _loader(sources, kind, workers=workers)
-    for _ in range(5):
+                                                                   workers: int, shuffle: int) -> None:
+    """At every position of the first 14 batches (past the first epoch; with a shuffle, inside blocks too)."""
+    straight = _loader(sources, kind, workers=workers, shuffle_buffer=shuffle)
+    expected = [next(straight) for _ in range(14)]
+    straight.close()
+    first = _loader(sources, kind, workers=workers, shuffle_buffer=shuffle, prefetch=0)
+    for stop in range(1, 13):
         next(first)
-    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it (JSON)
+        state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it (JSON)
+        resumed = _loader(sources, kind, workers=workers, shuffle_buffer=shuffle)
+        resumed.load_state_dict(state)
+        assert resumed.samples_consumed == stop * BATCH
+        for want in expected[stop:stop + 2]:
+            got = next(resumed)
+            assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(got, want, strict=True)), stop
+        resumed.close()
     first.close()
-    resumed = _loader(sources, kind, workers=workers)
-    resumed.load_state_dict(state)
-    assert resumed.samples_consumed == 5 * BATCH
-    for want in expected[5:]:
-        got = next(resumed)
-        assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(got, want, strict=True))
-    for loader in (straight, resumed):
-        loader.close()
     with pytest.raises(DataError, match="for 1 data-parallel rank"):
-        _loader(sources, kind, rank=1, world=2, workers=workers).load_state_dict(state)
+        _loader(sources, kind, rank=1, world=2, workers=workers, shuffle_buffer=shuffle).load_state_dict(state)
+    with pytest.raises(DataError, match="shuffle_buffer"):
+        _loader(sources, kind, workers=workers, shuffle_buffer=shuffle + 3).load_state_dict(state)
+
+
+def test_shuffle_permutes_each_block_anew_every_epoch(sources: dict[str, object]) -> None:
+    """shuffle_buffer B: each run of B documents of the stream comes out as a permutation of itself, a different one
+    each epoch; every document once per epoch."""
+    texts, block = sources["texts"], 7
+    loader = _loader(sources, "jsonl", shuffle_buffer=block)
+    stream = _stream([next(loader) for _ in range(2 * len(_encoded(texts)) // (BATCH * SEQ) + 2)])  # type: ignore[arg-type]
+    loader.close()
+    ends = np.flatnonzero(stream == TOK.eos_id)
+    docs = [TOK.decode(stream[a + 1:b].tolist()) for a, b in zip(np.concatenate([[-1], ends[:-1]]), ends, strict=True)]
+    epochs = [docs[:len(texts)], docs[len(texts):2 * len(texts)]]  # type: ignore[arg-type]
+    assert len(epochs[1]) == len(texts)  # type: ignore[arg-type]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(texts)  # type: ignore[arg-type]
+        assert epoch != texts
+        for b in range(0, len(texts), block):  # type: ignore[arg-type]
+            assert sorted(epoch[b:b + block]) == sorted(texts[b:b + block])  # type: ignore[index]
+    assert epochs[0] != epochs[1]
 
 
 def test_build_loaders_validation_split_or_held_out_documents(sources: dict[str, object]) -> None:
@@ -151,14 +174,15 @@ def test_build_loaders_validation_split_or_held_out_documents(sources: dict[str,
 
 
 def test_training_from_a_stream_runs_and_resumes_exactly(sources: dict[str, object], tmp_path: Path) -> None:
-    """The trainer, unchanged, on a streamed source: finite losses; a checkpoint-and-resume repeats them."""
+    """The trainer, unchanged, on a streamed and shuffled source: finite losses; a checkpoint-and-resume repeats
+    them."""
     from train.checkpoint import list_checkpoints
     from train.config import load_config
     from train.trainer import Trainer
 
     def overrides(out: Path) -> list[str]:
         return [f"train.out_dir={out}", "data.stream.path=json", f"data.stream.data_files=[{sources['jsonl']}]",
-                "data.stream.val_fraction=0.2", "data.seq_len=16", "train.global_batch_size=4",
+                "data.stream.val_fraction=0.2", "data.stream.shuffle_buffer=6", "data.seq_len=16", "train.global_batch_size=4",
                 "train.micro_batch_size=2", "train.eval_interval=2", "train.eval_batches=1", "train.steps=4",
                 "logging.progress=false", "optim.warmup_steps=1", "checkpoint.keep_last=5",
                 "train.threads=1"]  # one thread: a few seconds; torch's OpenMP threads crawl on a loaded machine

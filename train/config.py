@@ -45,7 +45,7 @@ class StreamConfig:
     val_split: str | None = "validation"  # evaluated split; if the source lacks it, documents are held out instead
     val_docs: int = 500  # validation documents kept in memory (of val_split, or held out of split)
     val_fraction: float = 0.05  # without val_split: share of documents held out by a hash of their text; 0 = none
-    shuffle_buffer: int = 0  # documents shuffled within a buffer of this many; 0 = stream order
+    shuffle_buffer: int = 0  # documents shuffled within consecutive blocks of this many; 0 = stream order
     workers: int = 1  # tokenizing threads per rank, each reading its own share of the rank's stream
 
 
