@@ -182,7 +182,8 @@ def test_training_from_a_stream_runs_and_resumes_exactly(sources: dict[str, obje
 
     def overrides(out: Path) -> list[str]:
         return [f"train.out_dir={out}", "data.stream.path=json", f"data.stream.data_files=[{sources['jsonl']}]",
-                "data.stream.val_fraction=0.2", "data.stream.shuffle_buffer=6", "data.seq_len=16", "train.global_batch_size=4",
+                "data.stream.val_fraction=0.2", "data.stream.shuffle_buffer=6", "data.seq_len=16",
+                "train.global_batch_size=4",
                 "train.micro_batch_size=2", "train.eval_interval=2", "train.eval_batches=1", "train.steps=4",
                 "logging.progress=false", "optim.warmup_steps=1", "checkpoint.keep_last=5",
                 "train.threads=1"]  # one thread: a few seconds; torch's OpenMP threads crawl on a loaded machine
