@@ -10,16 +10,17 @@
 (a) Distributed Muon vs the naive scheme, 1 / 2 / 4 gloo ranks. A ~5M-parameter model (hidden 256, 4 layers, 8
     routed experts) is FSDP2-sharded with parallel.parallelize (ep=1), one backward gives the gradients, then
     optimizer.step() is timed with two `orthogonalize` hooks on the same Muon (float32 NS):
-      ours  - optim.distributed_ns.orthogonalize: one owner rank per matrix (gather -> NS -> scatter), expert
-              stacks sharded on the expert dim orthogonalized in place;
+      ours  - optim.distributed_ns.orthogonalize: one owner rank per matrix, which receives the other ranks' pieces
+              and sends the results back in two bucketed all_to_all_single per mesh group; expert stacks sharded on
+              the expert dim orthogonalized in place;
       naive - every rank full_tensor()s every matrix (an all-gather), orthogonalizes all of them, and keeps its
               own slice (Replicate -> original placements, a local slice).
     Step time per rank is the wall time of optimizer.step() between a barrier and the end of the rank's step; the
     table reports the median over reps of the slowest rank. The two schemes alternate rep by rep. NS FLOPs and
-    bytes per rank: distributed_ns.NSStats for ours (sent + received, padded shards); for naive the same count of
-    a ring all-gather (each rank sends and receives (N-1) padded shards of every matrix). World size 1 is the
-    plain single-process model (no FSDP, plain tensors), where both schemes are local NS. Torch threads per rank:
-    max(1, cpus // world), so 4 ranks on a 2-core machine oversubscribe the cores 2x.
+    bytes per rank: distributed_ns.NSStats for ours (sent + received: what a rank owns minus what it holds, and the
+    results back); for naive a ring all-gather (each rank sends and receives (N-1) shards of every matrix). World
+    size 1 is the plain single-process model (no FSDP, plain tensors), where both schemes are local NS. Torch
+    threads per rank: max(1, cpus // world), so 4 ranks on a 2-core machine oversubscribe the cores 2x.
 (b) Muon step as a fraction of forward+backward of the tiny preset (configs/tiny.yaml through train.Trainer, one
     process): per rep one train step's forward+backward (all micro-batches), grad clipping, then optimizer.step()
     timed once with ns_dtype float32 and once with bfloat16 on the same gradients; also the time inside the
@@ -111,7 +112,7 @@ def naive_orthogonalize(updates: list[torch.Tensor], ns, stats: NSStats | None =
         o = ns(full)
         out.append(DTensor.from_local(o, mesh, [Replicate()] * mesh.ndim, run_check=False)
                    .redistribute(mesh, u.placements))
-        # ring all-gather of padded shards: (N-1) shards sent + (N-1) received per rank
+        # ring all-gather: (N-1) shards sent + (N-1) received per rank (FSDP2's shards, ceil-divided)
         shard = -(-u.numel() // world) * u.element_size()
         stats.bytes_moved += 2 * (world - 1) * shard
     return out
@@ -233,7 +234,7 @@ def part_a(worlds: list[int], reps: int, warmup: int) -> None:
     print(f"model: {r0['params'] / 1e6:.2f}M params, {r0['muon_tensors']} Muon tensors "
           f"({r0['muon_numel'] / 1e6:.2f}M elements; routed experts as [8, n, m] stacks), FSDP2 over N gloo "
           f"ranks (ep=1); median of {reps} reps after {warmup} warm-up, slowest rank per rep.\n")
-    print("NS part = wall time of the orthogonalize hook (gathers, NS, scatters, waiting); NS compute = time spent "
+    print("NS part = wall time of the orthogonalize hook (the all-to-alls, NS, waiting); NS compute = time spent "
           "inside the NS function itself on the busiest rank.\n")
     print("| ranks N | torch threads/rank | ours step (ms) | naive step (ms) | naive / ours | ours NS part (ms) "
           "| ours NS compute (ms) | naive NS part (ms) | naive NS compute (ms) |")
@@ -244,7 +245,7 @@ def part_a(worlds: list[int], reps: int, warmup: int) -> None:
         co, cn = statistics.median(r["ns_compute"]["ours"]), statistics.median(r["ns_compute"]["naive"])
         print(f"| {r['world']} | {r['threads']} | {fmt_ms(to)} | {fmt_ms(tn)} | {tn / to:.2f} | {fmt_ms(no)} | "
               f"{fmt_ms(co)} | {fmt_ms(nn)} | {fmt_ms(cn)} |")
-    print("\nNS FLOPs and communication per rank per step (sent + received bytes, float32 updates, padded shards):\n")
+    print("\nNS FLOPs and communication per rank per step (sent + received bytes, float32 updates):\n")
     print("| ranks N | total NS GFLOP | ours GFLOP/rank (max / min) | naive GFLOP/rank | ours max / total "
           "| ours MB/rank (max / mean) | naive MB/rank |")
     print("|---|---|---|---|---|---|---|")
