@@ -89,7 +89,8 @@ class _SubStream:
     def _order(self, epoch: int, block: int, n: int) -> np.ndarray:
         if self.shuffle_buffer <= 0:
             return np.arange(n)
-        return np.random.default_rng([self.seed, epoch, self.node, block]).permutation(n)
+        seed = self.seed % 2**64  # numpy's seeds are non-negative; train.seed may be any integer
+        return np.random.default_rng([seed, epoch, self.node, block]).permutation(n)
 
     def batches(self, state: Mapping[str, Any]) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         epoch, ds_state = int(state["epoch"]), state.get("dataset")
