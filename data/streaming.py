@@ -14,9 +14,9 @@ its first document, so a resume is exact with shuffling too.
 
 **State.** Per worker: the epoch, the `IterableDataset.state_dict()` at the start of the current block, the block's
 number and how many of its documents are tokenized, and the tokens read but not yet batched; plus which worker
-is next. Each batch carries the state after it,
-so the state of the last batch *yielded* is exact even with batches read ahead, and a resume at the same
-world size and worker count continues with exactly the batches an uninterrupted run would have seen.
+is next. Each batch carries the state after it, so the state of the last batch *yielded* is exact even with
+batches read ahead, and a resume at the same world size and worker count continues with exactly the batches an
+uninterrupted run would have seen.
 
 What this gives up against prepared shards is listed in docs/data.md ("Streaming without prepare").
 """

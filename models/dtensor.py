@@ -1,7 +1,7 @@
 """DTensor checks that do not import `torch.distributed.tensor`: that import pulls in sympy and costs ~1.2 s of
-every process's start-up (more than the rest of the model code), and a process that never made a DTensor
-(one-process training, `tools.plan`, `--print-config`) need not pay it. A DTensor can only exist once its module
-has been imported, so looking the module up is enough."""
+start-up (more than the rest of the model code), which a process that never makes a DTensor (`tools.plan`, a model
+used on its own) need not pay. A DTensor can only exist once its module has been imported, so looking the module
+up is enough. The one helper for "this tensor, or its local shard" across the project."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ import hashlib
 
 import torch
 
-from models.dtensor import is_dtensor
+from models.dtensor import is_dtensor, local
 
 # Module names that wrappers (activation checkpointing, torch.compile, FSDP1) insert into parameter
 # names; `canonical_name` drops them so that a parameter keeps its name, and its init, when wrapped.
@@ -51,7 +51,7 @@ def block_seed(seed: int, name: str, block: int) -> int:
 @torch.no_grad()
 def fill_(param: torch.Tensor, value: float) -> None:
     """`param.fill_(value)` for a plain tensor or the local shard of a DTensor (no communication)."""
-    (param.to_local() if is_dtensor(param) else param).fill_(value)
+    local(param).fill_(value)
 
 
 def shard_indices(param: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

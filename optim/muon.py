@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
+from models.dtensor import local
 from optim.choices import NS_DTYPE_NAMES
 from optim.host_adam import HostAdam
 from optim.hparams import adamw_hparams, param_group_dicts, resolve_fused
@@ -339,8 +340,9 @@ class Muon(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         if self.host_adam is not None and not (group["amsgrad"] or group["maximize"]):
             # offloaded: DeepSpeed's CPU kernel on the local shards, in place (optim/host_adam.py)
-            self.host_adam.update([_local(t) for t in params], [_local(t) for t in grads],
-                                  [_local(t) for t in exp_avgs], [_local(t) for t in exp_avg_sqs], state_steps,
+            # (DTensors: the local shards, the storage the kernel updates in place)
+            self.host_adam.update([local(t) for t in params], [local(t) for t in grads],
+                                  [local(t) for t in exp_avgs], [local(t) for t in exp_avg_sqs], state_steps,
                                   lr=group["lr"], betas=(beta1, beta2), eps=group["eps"],
                                   weight_decay=group["weight_decay"])
             return
@@ -381,11 +383,6 @@ def _foreach_lists(tensors: list[Tensor]) -> list[list[int]]:
     for i, t in enumerate(tensors):
         lists.setdefault(_foreach_key(t), []).append(i)
     return list(lists.values())
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (the storage the kernel updates in place), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -1,8 +1,8 @@
 """Parallelism applied to the plain model from outside: one DeviceMesh, expert parallelism (all-to-all
 token dispatch), FSDP2 for everything else, activation checkpointing, pipeline stages.
 
-The names below load on first use: `parallel.mesh` and `parallel.pipeline` (which the config check needs) do
-not import FSDP2 and DTensor (with sympy, ~1.2 s of start-up) that the rest of the package does."""
+The names below load on first use, so that `parallel.dims` (the config check's, torch-free) can be imported
+without torch, FSDP2 and DTensor (with sympy, ~1.2 s of start-up)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from models.dtensor import local
+
 
 def _replication(t: DTensor) -> int:
     """How many ranks hold each local element of `t` (the product of its replicated mesh dims)."""
@@ -27,7 +29,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    device = local(grads[0]).device
     sq = torch.zeros((), device=device, dtype=torch.float32)
     distributed = False
     for g in grads:
@@ -44,7 +46,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     if math.isfinite(max_norm):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).to(device)
         for g in grads:
-            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
+            local(g).mul_(coef)
     return total
 
 

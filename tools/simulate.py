@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import Transformer
 from models.config import ConfigError
+from models.dtensor import local as local_of
 from models.init import canonical_name
 from models.moe import forced_balanced_routing
 from optim import build_optimizer
@@ -77,12 +78,8 @@ class _ShapeOnlyGemms(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _nbytes(t: torch.Tensor) -> int:
-    local = _local(t)
+    local = local_of(t)
     return local.numel() * local.element_size()
 
 
@@ -276,7 +273,7 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
     LEDGER.phase = "done"
 
     params = {name: {"placements": [str(pl) for pl in getattr(p, "placements", [])], "shape": list(p.shape),
-                     "local_shape": list(_local(p).shape)} for name, p in model.named_parameters()}
+                     "local_shape": list(local_of(p).shape)} for name, p in model.named_parameters()}
     state_bytes = sum(_nbytes(t) for s in optimizer.state.values() for t in s.values()
                       if torch.is_tensor(t) and t.dim() > 0)
     steps = cfg.optim.ns_steps
