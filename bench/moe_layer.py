@@ -5,6 +5,7 @@ transformers' own grouped-GEMM path; `--theirs eager` for its per-expert Python 
     python bench/moe_layer.py                       # the issue-18 sweep, one thread, ~2 min on a 2-core CPU
     python bench/moe_layer.py --cases 384:8:fp32 --profile --memory
     python bench/moe_layer.py --theirs eager --cases 8:2:fp32 64:8:fp32 384:8:fp32
+    python bench/moe_layer.py --compile --profile    # also both layers under torch.compile (inductor)
 
 A case is EXPERTS:TOP_K:DTYPE (fp32 or bf16). Every case has --tokens tokens in one sequence, hidden size
 --hidden, routed experts of width --expert-ffn and one shared expert of the same width; n_group = 1, the balance
@@ -24,7 +25,16 @@ wall time (CUDA synchronized). The ratio column is theirs / ours step time of ea
 [min..max] over the --iters pairs. --memory adds the peak bytes one fwd+bwd step allocates on top of what was
 allocated before it (CUDA: the allocator's peak; CPU: glibc's bytes in use after every op, Linux). --profile
 adds, from one profiled step of each layer, the share of the step spent outside the grouped GEMMs
-(`aten::_grouped_mm`, children included) and outside every GEMM (also the shared expert's `mm`), and the top ops.
+(`aten::_grouped_mm`, children included) and outside every GEMM (also the shared expert's `mm`), and the top ops;
+the profiler's per-op cost lands outside the GEMMs, so it also gives our share without a profiler: our six
+grouped GEMM calls of a step (forward gate/up and down, their input and weight gradients), replayed alone on
+the step's own expert counts, against the unprofiled step's median ("replayed").
+
+--compile also times both layers under `torch.compile` (inductor; ours as `train.compile` compiles a block,
+theirs the whole module), alternating with the eager steps, after --warmup (at least 2: the first compiles).
+Its ratio is the faster of their eager and compiled step over our compiled step, pair by pair. transformers'
+compiled fp32 path runs its own `grouped_mm` fallback op (torch's fake rule for `_grouped_mm` takes bf16 only);
+ours registers `chogori::grouped_mm` for that (models/moe.py).
 Benchmarks never fail a test run; record the output in docs/BENCHMARKS.md with the machine it ran on.
 """
 
@@ -42,7 +52,7 @@ import torch  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/ is the script directory)
 
 from models.config import ModelConfig  # noqa: E402
-from models.moe import MoE, _grouped_mm_ok  # noqa: E402
+from models.moe import MoE, _grouped_mm_ok, grouped_matmul, grouped_weight_grad, permute  # noqa: E402
 
 TOL, FWD_TOL = 1e-4, 1e-5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -221,6 +231,32 @@ def gemm_shares(m, fn, x: torch.Tensor, grad: torch.Tensor, rows: int) -> tuple[
     return 1 - grouped / total, 1 - gemm / total, top
 
 
+def grouped_gemm_seconds(m: MoE, x: torch.Tensor, clock, reps: int = 5) -> float:
+    """Median time of our six grouped GEMM calls of one step, run alone on the step's routing of `x` (the
+    forward's gate/up and down, the input gradient of each, the weight gradient of each), on stand-in operands
+    of the real shapes, dtype and expert counts."""
+    with torch.no_grad():
+        flat = x.detach().reshape(-1, x.shape[-1])
+        _, idx, weight = m.gate(flat)
+        counts = permute(idx, weight, m.cfg.n_routed_experts).counts
+        gate_up, down = m.experts.gate_up_proj.detach().flatten(1, 2), m.experts.down_proj.detach()
+        rows = flat[torch.randint(0, flat.shape[0], (int(counts.sum()),), device=x.device)]
+        h = torch.randn_like(rows[:, :down.shape[-1]])
+        d_gu = torch.randn_like(rows[:, :1].expand(-1, gate_up.shape[1]).contiguous())
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        times = []
+        for _ in range(reps + 1):  # the first is a warm-up
+            t0 = clock()
+            grouped_matmul(rows, gate_up, counts, offs)
+            grouped_matmul(h, down, counts, offs)
+            grouped_matmul(rows, down, counts, offs, transpose=False)  # dy [N, H] -> dh [N, I]
+            grouped_matmul(d_gu, gate_up, counts, offs, transpose=False)
+            grouped_weight_grad(d_gu, rows, counts, offs)
+            grouped_weight_grad(rows, h, counts, offs)
+            times.append(clock() - t0)
+    return statistics.median(times[1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="EXPERTS:TOP_K:DTYPE (fp32|bf16)")
@@ -236,6 +272,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory", action="store_true", help="also the peak bytes of one fwd+bwd step per layer")
     ap.add_argument("--profile", action="store_true", help="also the time outside the GEMMs, from a profiled step")
+    ap.add_argument("--compile", action="store_true", help="also both layers under torch.compile (inductor)")
     args = ap.parse_args()
     cases = [parse_case(c) for c in args.cases]
 
@@ -276,41 +313,69 @@ def main() -> None:
         x = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype).requires_grad_(True)
         grad = torch.randn(1, args.tokens, args.hidden, generator=g).to(device, dtype)
         layers = [(ours, run_ours), (hf, run_hf)]
-        t_ours, t_hf = bench(layers, x, grad, args.warmup, args.iters, clock)
+        if args.compile:  # compiled after the cast, so the graphs are of the timed dtype
+            layers += [(torch.compile(ours), run_ours), (torch.compile(hf), run_hf)]
+        warmup = max(args.warmup, 2) if args.compile else args.warmup
+        times = bench(layers, x, grad, warmup, args.iters, clock)
+        t_ours, t_hf = times[:2]
         ratios = sorted(b / a for a, b in zip(t_ours, t_hf, strict=True))
         m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
         row = {"case": (num_experts, k, dtype_name), "ours": args.tokens / m_ours, "theirs": args.tokens / m_hf,
                "ratio": statistics.median(ratios), "lo": ratios[0], "hi": ratios[-1]}
         print(f"  step median ours {m_ours * 1e3:.0f} ms, theirs {m_hf * 1e3:.0f} ms; theirs/ours per pair "
               f"{row['ratio']:.2f} [{row['lo']:.2f}..{row['hi']:.2f}]", flush=True)
+        if args.compile:
+            t_oc, t_hc = times[2:]
+            c_ratios = sorted(min(te, tc) / oc for oc, te, tc in zip(t_oc, t_hf, t_hc, strict=True))
+            m_oc, m_hc = statistics.median(t_oc), statistics.median(t_hc)
+            row["compiled"] = (args.tokens / m_oc, args.tokens / m_hc, statistics.median(c_ratios), c_ratios[0],
+                               c_ratios[-1])
+            print(f"  compiled: step median ours {m_oc * 1e3:.0f} ms, theirs {m_hc * 1e3:.0f} ms; their faster "
+                  f"(eager or compiled) / our compiled per round {row['compiled'][2]:.2f} "
+                  f"[{c_ratios[0]:.2f}..{c_ratios[-1]:.2f}]", flush=True)
         if args.memory:
-            row["mem"] = tuple(peak_bytes(m, fn, x, grad) / 2**20 for m, fn in layers)
+            row["mem"] = tuple(peak_bytes(m, fn, x, grad) / 2**20 for m, fn in layers[:2])
             print(f"  peak MiB of one step: ours {row['mem'][0]:.1f}, theirs {row['mem'][1]:.1f}")
         if args.profile:
             shares = [gemm_shares(m, fn, x, grad, 8) for m, fn in layers]
             row["outside"] = tuple((s[0], s[1]) for s in shares)
-            for label, (grouped, gemm, top) in zip(("ours", "theirs"), shares, strict=True):
-                print(f"  {label}: {grouped:.0%} of the step outside the grouped GEMMs, {gemm:.0%} outside all GEMMs")
+            labels = ("ours", "theirs", "ours compiled", "theirs compiled")[:len(shares)]
+            for label, (grouped, gemm, top) in zip(labels, shares, strict=True):
+                print(f"  {label}: {grouped:.0%} of the step outside the grouped GEMMs, {gemm:.0%} outside all GEMMs"
+                      " (profiled)")
                 print("\n".join("    " + t for t in top))
+            gemm_s = grouped_gemm_seconds(ours, x, clock)
+            row["replayed"] = [1 - gemm_s / m_ours] + ([1 - gemm_s / m_oc] if args.compile else [])
+            print(f"  ours: our grouped GEMMs replayed alone take {gemm_s * 1e3:.0f} ms: outside them "
+                  + ", compiled ".join(f"{v:.0%}" for v in row["replayed"]) + " of the unprofiled step")
         rows.append(row)
         del ours, hf, x, grad
 
     head = "| experts | top-k | dtype | ours tok/s | theirs tok/s | theirs/ours time, median [min..max] |"
     sep = "|---|---|---|---|---|---|"
+    if args.compile:
+        head += " compiled: ours tok/s | theirs tok/s | their faster / ours compiled |"
+        sep += "---|---|---|"
     if args.memory:
         head, sep = head + " peak MiB ours / theirs |", sep + "---|"
     if args.profile:
-        head, sep = head + " outside grouped GEMMs ours / theirs | outside all GEMMs ours / theirs |", sep + "---|---|"
+        head += " outside grouped GEMMs ours / theirs | outside all GEMMs ours / theirs |"
+        head += " ours outside grouped GEMMs, replayed" + (" (eager / compiled) |" if args.compile else " |")
+        sep += "---|---|---|"
     print("\n" + head + "\n" + sep)
     for r in rows:
         e, k, dt = r["case"]
         line = (f"| {e} | {k} | {dt} | {r['ours']:,.0f} | {r['theirs']:,.0f} | {r['ratio']:.2f}x "
                 f"[{r['lo']:.2f}..{r['hi']:.2f}] |")
+        if args.compile:
+            oc, hc, ratio, lo, hi = r["compiled"]
+            line += f" {oc:,.0f} | {hc:,.0f} | {ratio:.2f}x [{lo:.2f}..{hi:.2f}] |"
         if args.memory:
             line += f" {r['mem'][0]:.1f} / {r['mem'][1]:.1f} |"
         if args.profile:
-            (og, oa), (tg, ta) = r["outside"]
-            line += f" {og:.0%} / {tg:.0%} | {oa:.0%} / {ta:.0%} |"
+            (og, oa), (tg, ta) = r["outside"][:2]
+            replayed = " / ".join(f"{v:.0%}" for v in r["replayed"])
+            line += f" {og:.0%} / {tg:.0%} | {oa:.0%} / {ta:.0%} | {replayed} |"
         print(line)
     if hasattr(os, "getloadavg"):
         print("\nload average at end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))

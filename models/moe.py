@@ -169,7 +169,10 @@ def _offsets(counts: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+    # Under compile on CPU bf16 as well: inductor, tracing `_grouped_mm` itself, drops the transposed weight copy
+    # `grouped_matmul` makes for oneDNN (a no-op re-layout to it), and the step ran 2x slower (bench/moe_layer.py
+    # --compile); the custom op keeps its operands' strides.
+    if torch.compiler.is_compiling() and (a.dtype != torch.bfloat16 or a.device.type == "cpu"):
         return _grouped_mm_any_dtype(a, b, offs)
     return torch._grouped_mm(a, b, offs=offs)
 
