@@ -134,10 +134,21 @@ def test_world_2048_step(preset: str, layers: int, rank: int) -> None:
     _assert_balanced(full, 2048)
     if preset == "deepseek-v3-671b":
         assert full["largest_matrix_flops"] > full["per_rank_flops_mean"] and full["team_matrices"] > 0
+        # its teams (dense matrices; whole experts need none) stay within 3 nodes of 8 GPUs (60 of the 131 span a
+        # node more than their size needs: their Gram sums, <= 1.9 GB a step per rank, cross the network)
+        assert 1 <= full["team_nodes_max"] <= 3
 
     # Per-rank state from the code's own objects: fp32 shards, a gradient for each, Muon / AdamW state.
     assert sim["grad_bytes"] == sim["param_bytes"]
     assert sim["param_bytes"] <= sim["optimizer_state_bytes"] <= 2 * sim["param_bytes"]
+
+
+def test_team_nodes_counts_nodes_of_consecutive_ranks() -> None:
+    from tools.simulate import team_nodes
+
+    assert team_nodes([(0, 7), (6, 9), (8, 9, 10), tuple(range(4, 20))], per_node=8) == {
+        "team_nodes_max": 3, "teams_spanning_extra_nodes": 2}  # (6, 9) and 4..19 (16 ranks, 3 nodes, 2 needed)
+    assert team_nodes([]) == {"team_nodes_max": 0, "teams_spanning_extra_nodes": 0}
 
 
 def _assert_balanced(full: dict, ranks: int) -> None:
@@ -175,6 +186,15 @@ def test_world_2048_pipeline_step(preset: str, ep: int, schedule: str, rank: int
     # balanced within 10% over the stage's full depth: K2's 12 TFLOP output projections land on top of every rank's
     # 36 whole experts, so they are split over teams (whole, the busiest rank would do 1.6x the mean)
     _assert_balanced(sim["newton_schulz"]["full_depth"], 128)
+    # Where the teams are (`team_nodes`: nodes of 8 consecutive ranks, as torchrun numbers them): K2's are each one
+    # node's 8 ranks; DeepSeek-V3's stay within 3 nodes, as without a pipeline (the planner picks the least-loaded
+    # members, not the nearest: docs/architecture.md)
+    full = sim["newton_schulz"]["full_depth"]
+    assert full["team_matrices"] > 0
+    if preset == "k2-1t":
+        assert full["team_nodes_max"] == 1 and full["teams_spanning_extra_nodes"] == 0
+    else:
+        assert 1 <= full["team_nodes_max"] <= 3
 
 
 def test_planner_simulate_mode_prints_the_report(capsys: pytest.CaptureFixture) -> None:

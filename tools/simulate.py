@@ -57,6 +57,7 @@ from parallel import (
     parallelize,
     plan_pipeline,
 )
+from tools.plan_comms import Hardware
 from tools.sim_pg import LEDGER, init_simulated_world
 from train.config import ExperimentConfig, load_config
 from train.step_hooks import register_post_step_hooks
@@ -162,6 +163,15 @@ def full_depth_ownership(model: Transformer, full_cfg: Any, steps: int) -> Owner
             name = f"layers.{representative[kind_of[int(index)]]}.{rest}"
         layouts.append(layout_of(sim[name]))
     return plan_ownership(layouts, steps)
+
+
+def team_nodes(teams: list[tuple[int, ...]], per_node: int = Hardware.gpus_per_node) -> dict[str, int]:
+    """How many nodes of `per_node` consecutive ranks (as torchrun and Slurm number them) the teams span: the most
+    for one team, and how many teams span more nodes than their size needs (their Gram sums cross nodes that a
+    node-local team would not)."""
+    spans = [(len({r // per_node for r in t}), -(-len(t) // per_node)) for t in teams]
+    return {"team_nodes_max": max((n for n, _ in spans), default=0),
+            "teams_spanning_extra_nodes": sum(n > need for n, need in spans)}
 
 
 def _meta_model(model_cfg: Any, mesh: Any, cfg: ExperimentConfig, plan: PipelinePlan | None) -> Transformer:
@@ -302,6 +312,7 @@ def simulate(cfg: ExperimentConfig, world: int, ep: int, rank: int = 0, layers: 
                        "per_rank_flops_max": max(flops), "per_rank_flops_mean": sum(flops) / len(owners),
                        "owner_ranks": len(owners), "team_matrices": sum(len(m.team) > 1 for m in full.matrices),
                        "team_bytes_max": max((x.team_bytes for x in loads.values()), default=0),
+                       **team_nodes([m.team for m in full.matrices if len(m.team) > 1]),
                        # of one matrix orthogonalized whole (a team's block form costs more in all)
                        "largest_matrix_flops": max(ns_flops(lay.shape[-2:], steps) for lay in full.layouts)},
         "owners": [[names[m.tensor], m.index, list(m.team)] for m in here.matrices],  # one rank, or a team
@@ -356,7 +367,9 @@ def render(sim: Simulation, config: str) -> str:
                   f"{full['per_rank_flops_max'] / 1e12:.3f} TFLOP, mean {full['per_rank_flops_mean'] / 1e12:.3f} "
                   f"(largest single matrix, whole: {full['largest_matrix_flops'] / 1e12:.3f}); {full['team_matrices']} "
                   f"matrices split over teams, whose Gram sums a rank receives at most "
-                  f"{_gb(full['team_bytes_max'])} of"]
+                  f"{_gb(full['team_bytes_max'])} of; a team spans at most {full['team_nodes_max']} nodes of "
+                  f"{Hardware.gpus_per_node} GPUs ({full['teams_spanning_extra_nodes']} span more than their size "
+                  "needs)"]
     by_placement: dict[str, int] = defaultdict(int)
     for p in sim.params.values():
         by_placement[" x ".join(p["placements"]) or "plain"] += 1
